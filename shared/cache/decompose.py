@@ -1,0 +1,115 @@
+"""Low-rank factorizations of a K or V projection, ``W ≈ A·B`` (CSKV §3.1; also the ASVD/SVD baselines).
+
+Shapes (``W`` is the math-convention weight, ``y = x·W``, i.e. ``nn.Linear.weight.T``):
+
+    W  [d_model, C]          C = n_kv · head_dim
+    A  [g, d_model, r/g]     latent of a token: z = x·A   (g = 1: joint across heads, the paper; g = n_kv: per head)
+    B  [g, r/g, C/g]         reconstruction:     ŷ = z·B   (group i rebuilds channels i·C/g … (i+1)·C/g − 1)
+
+Initialisations:
+    svd       SVD of W;                                   A = U_r √Σ_r,            B = √Σ_r V_rᵀ
+    asvd      S = diag(mean|x|^α) (α = 0.5); SVD of S·W;   A = S⁻¹ U_r √Σ_r,        B = √Σ_r V_rᵀ
+    whitened  C = XᵀX/n = L Lᵀ; SVD of Lᵀ·W;               A = L⁻ᵀ U_r √Σ_r,        B = √Σ_r V_rᵀ
+              (the closed-form minimiser of ‖X W − X A B‖²_F — not in the paper; the optimum of its layer loss)
+    random    A, B ~ N(0, 1/fan_in)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+INITS = ("random", "svd", "asvd", "whitened")
+
+
+@dataclass
+class Factors:
+    """``A`` [g, d_model, r/g] and ``B`` [g, r/g, C/g] for one projection of one layer."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def groups(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0] * self.A.shape[2]
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """z = x·A: [..., T, d_model] → [..., g, T, r/g]."""
+        return torch.einsum("...td,gdr->...gtr", x, self.A)
+
+    def reconstruct(self, z: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """ŷ = z·B per group: [B, g, T, r/g] → [B, n_kv, T, head_dim] (head-major like HF's K/V)."""
+        y = torch.einsum("bgtr,grc->bgtc", z, self.B)  # [B, g, T, C/g]
+        b, g, t, cg = y.shape
+        heads_per_group = num_heads // g
+        return y.view(b, g, t, heads_per_group, cg // heads_per_group).permute(0, 1, 3, 2, 4).reshape(
+            b, num_heads, t, cg // heads_per_group)
+
+    def dense(self) -> torch.Tensor:
+        """The rank-r approximation of W as one [d_model, C] matrix (block-diagonal over groups in C)."""
+        return torch.cat([self.A[i] @ self.B[i] for i in range(self.groups)], dim=1)
+
+
+def rank_for_density(density: float, head_dim: int, num_kv_heads: int) -> int:
+    """CSKV's rank: ``r = int(density · head_dim) · n_kv``; density ∈ (0, 1]."""
+    if not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    per_head = int(density * head_dim)
+    if per_head < 1:
+        raise ValueError(f"density {density} leaves 0 channels per head (head_dim={head_dim})")
+    return per_head * num_kv_heads
+
+
+def factorize(W: torch.Tensor, rank: int, groups: int = 1, init: str = "svd", act_abs_mean: torch.Tensor | None = None,
+              gram: torch.Tensor | None = None, alpha: float = 0.5, generator: torch.Generator | None = None) -> Factors:
+    """Factor ``W`` [d_model, C] into ``A·B`` of total rank ``rank`` split over ``groups`` channel groups.
+
+    Args:
+        act_abs_mean: mean |x| per input channel (needed by ``asvd``).
+        gram: XᵀX/n [d_model, d_model] of calibration inputs (needed by ``whitened``).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    d_model, C = W.shape
+    if groups < 1 or C % groups:
+        raise ValueError(f"groups must divide the {C} output channels, got {groups}")
+    if rank < groups or rank % groups:
+        raise ValueError(f"rank must be a positive multiple of groups={groups}, got {rank}")
+    rg, cg = rank // groups, C // groups
+    if rg > min(cg, d_model):
+        raise ValueError(f"rank {rank} exceeds the {C} channels (max {min(cg, d_model) * groups} for groups={groups})")
+    W64 = W.detach().double()
+    As, Bs = [], []
+    if init == "random":
+        g = generator or torch.Generator().manual_seed(0)
+        A = torch.randn(groups, d_model, rg, generator=g, dtype=torch.float64) / math.sqrt(d_model)
+        B = torch.randn(groups, rg, cg, generator=g, dtype=torch.float64) / math.sqrt(rg)
+        return Factors(A.to(W.dtype), B.to(W.dtype))
+    if init == "asvd":
+        if act_abs_mean is None:
+            raise ValueError("init='asvd' needs act_abs_mean (mean |x| per input channel)")
+        s = act_abs_mean.double().clamp_min(1e-6) ** alpha
+        left, left_inv = torch.diag(s), torch.diag(1.0 / s)
+    elif init == "whitened":
+        if gram is None:
+            raise ValueError("init='whitened' needs gram = XᵀX/n")
+        G = gram.double()
+        G = G + 1e-6 * G.diagonal().mean() * torch.eye(d_model, dtype=torch.float64)
+        L = torch.linalg.cholesky(G)
+        left, left_inv = L.T, torch.linalg.inv(L.T)
+    else:
+        left = left_inv = None
+    for i in range(groups):
+        Wg = W64[:, i * cg:(i + 1) * cg]
+        M = left @ Wg if left is not None else Wg
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        root = S[:rg].sqrt()
+        A = U[:, :rg] * root
+        As.append(left_inv @ A if left_inv is not None else A)
+        Bs.append(root[:, None] * Vh[:rg])
+    return Factors(torch.stack(As).to(W.dtype), torch.stack(Bs).to(W.dtype))

@@ -1,0 +1,171 @@
+"""Low-rank latent KV cache with CSKV's bi-branch window (CSKV §3.2), also used by the SVD/ASVD baselines.
+
+Per layer the cache keeps, for every token older than the window, only the latents ``z_K = x·A_K`` and
+``z_V = x·A_V`` (r channels instead of n_kv·head_dim), optionally as packed int4 (keys per-channel over 32-token
+groups, values per-token — the paper's/KIVI's quantizer, from ``kernels.quant``). Keys are rebuilt as
+``RoPE(z_K·B_K)`` — RoPE applied *after* reconstruction — and values as ``z_V·B_V``.
+
+Blocked window (official code, KIVI-style): at decode step t (the token at position t attends), key j is kept
+exact iff ``j ≥ W·⌊t/W⌋``; ``W = 0`` keeps nothing exact. Prefill attention is exact (new tokens of a multi-token
+``update`` are returned exact); the window rule is applied after it.
+
+Reconstruction of a completed block never changes, so it is materialized once when the block leaves the window
+(``materialize=True``, default; scratch, excluded from byte accounting); ``materialize=False`` rebuilds every
+latent at every step, as a deployment without scratch would — a test asserts both give identical logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.quant import dequantize_int4, quantize_int4
+from shared.cache.base import CompressedCache, CompressedLayer, PrefillRecord
+from shared.cache.decompose import Factors
+from shared.cache.rope import apply_rope
+from shared.memory import tensor_bytes
+
+QUANT_GROUP = 32  # tokens per key-quantization group (per channel), as in the paper's quantizer
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return b.clone() if a is None else torch.cat([a, b], dim=dim)
+
+
+class LowRankLayer(CompressedLayer):
+    def __init__(self, fk: Factors, fv: Factors, num_kv_heads: int, window: int = 32, quantize: bool = False,
+                 materialize: bool = True):
+        super().__init__()
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0, got {window!r}")
+        if quantize and (fk.A.shape[-1] % 2 or fv.A.shape[-1] % 2):
+            raise ValueError(f"int4 packing needs an even rank per group, got {fk.A.shape[-1]} / {fv.A.shape[-1]}")
+        self.fk, self.fv, self.num_kv_heads = fk, fv, num_kv_heads
+        self.window, self.quantize, self.materialize = window, quantize, materialize
+        self.n_seen = 0
+        self.q_chunks: list[tuple] = []          # stored: int4 latents of completed 32-token groups
+        self.zk = self.zv = None                 # stored: fp latents of the latent region not yet quantized
+        self.wk = self.wv = None                 # stored: exact K (post-RoPE) / V of the window
+        self.wzk = self.wzv = None               # stored: latents of window tokens (needed when they leave)
+        self._lat_cos = self._lat_sin = None     # scratch: RoPE of latent-region tokens (derivable from positions)
+        self._win_cos = self._win_sin = None
+        self._rec_q = None                       # scratch: materialized K/V of the quantized chunks
+        self._rec_fp = None                      # scratch: materialized K/V of the fp latent region
+        self._x = self._cos = self._sin = None
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def observe(self, hidden, cos, sin):
+        self._x, self._cos, self._sin = hidden, cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+
+    # ---- storage -----------------------------------------------------------------------------------------
+    def stored_tensors(self) -> list[torch.Tensor]:
+        out = [t for t in (self.zk, self.zv, self.wk, self.wv, self.wzk, self.wzv) if t is not None]
+        for qk, qv in self.q_chunks:
+            out += [qk.packed, qk.scale, qk.zero, qv.packed, qv.scale, qv.zero]
+        return out
+
+    @property
+    def n_latent(self) -> int:
+        n_fp = 0 if self.zk is None else self.zk.shape[2]
+        return n_fp + QUANT_GROUP * len(self.q_chunks)
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    # ---- reconstruction ----------------------------------------------------------------------------------
+    def _rebuild(self, zk, zv, cos, sin):
+        """K = RoPE(z_K·B_K) (RoPE after reconstruction), V = z_V·B_V."""
+        k = apply_rope(self.fk.reconstruct(zk, self.num_kv_heads), cos, sin)
+        return k, self.fv.reconstruct(zv, self.num_kv_heads)
+
+    def _latent_kv(self):
+        parts = []
+        if self.q_chunks:
+            if self._rec_q is None or not self.materialize:
+                zk = torch.cat([dequantize_int4(qk) for qk, _ in self.q_chunks], dim=2)
+                zv = torch.cat([dequantize_int4(qv) for _, qv in self.q_chunks], dim=2)
+                n = zk.shape[2]
+                self._rec_q = self._rebuild(zk, zv, self._lat_cos[:, :n], self._lat_sin[:, :n])
+            parts.append(self._rec_q)
+        if self.zk is not None and self.zk.shape[2]:
+            if self._rec_fp is None or not self.materialize:
+                n0 = QUANT_GROUP * len(self.q_chunks)
+                self._rec_fp = self._rebuild(self.zk, self.zv, self._lat_cos[:, n0:], self._lat_sin[:, n0:])
+            parts.append(self._rec_fp)
+        return parts
+
+    def _rebalance(self) -> None:
+        t = self.n_seen - 1
+        boundary = self.n_seen if self.window == 0 else self.window * (t // self.window)
+        move = boundary - self.n_latent
+        if move <= 0:
+            return
+        self.zk, self.zv = _cat(self.zk, self.wzk[:, :, :move], 2), _cat(self.zv, self.wzv[:, :, :move], 2)
+        self._lat_cos = _cat(self._lat_cos, self._win_cos[:, :move], 1)
+        self._lat_sin = _cat(self._lat_sin, self._win_sin[:, :move], 1)
+        self.wk, self.wv = self.wk[:, :, move:].clone(), self.wv[:, :, move:].clone()
+        self.wzk, self.wzv = self.wzk[:, :, move:].clone(), self.wzv[:, :, move:].clone()
+        self._win_cos, self._win_sin = self._win_cos[:, move:].clone(), self._win_sin[:, move:].clone()
+        self._rec_fp = None
+        if self.quantize:
+            while self.zk.shape[2] >= QUANT_GROUP:
+                gk, gv = self.zk[:, :, :QUANT_GROUP], self.zv[:, :, :QUANT_GROUP]
+                self.q_chunks.append((quantize_int4(gk.contiguous(), QUANT_GROUP, axis=-2),
+                                      quantize_int4(gv.contiguous(), gv.shape[-1], axis=-1)))
+                self.zk, self.zv = self.zk[:, :, QUANT_GROUP:].clone(), self.zv[:, :, QUANT_GROUP:].clone()
+                self._rec_q = None
+
+    # ---- Cache API ---------------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._x is None:
+            raise RuntimeError("LowRankLayer needs the attention input: run the model inside shared.cache.attach()")
+        x, cos, sin = self._x, self._cos, self._sin
+        self._x = None
+        n_new = key_states.shape[-2]
+        if x.shape[1] != n_new:
+            raise RuntimeError(f"observed {x.shape[1]} tokens but update got {n_new}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        zk, zv = self.fk.latent(x), self.fv.latent(x)
+        if n_new > 1:  # prefill chunk: its own attention is exact; older tokens are read as stored
+            old = self._latent_kv() + ([(self.wk, self.wv)] if self.wk is not None else [])
+            out_k = torch.cat([p[0] for p in old] + [key_states], dim=2)
+            out_v = torch.cat([p[1] for p in old] + [value_states], dim=2)
+        self.wk, self.wv = _cat(self.wk, key_states, 2), _cat(self.wv, value_states, 2)
+        self.wzk, self.wzv = _cat(self.wzk, zk, 2), _cat(self.wzv, zv, 2)
+        self._win_cos, self._win_sin = _cat(self._win_cos, cos, 1), _cat(self._win_sin, sin, 1)
+        self.n_seen += n_new
+        self._rebalance()
+        if n_new > 1:
+            return out_k, out_v
+        parts = self._latent_kv() + [(self.wk, self.wv)]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+    def load_prefill(self, hidden, keys, values, cos, sin) -> None:
+        """Compress an exactly-prefilled context (from a :class:`PrefillRecord`) as if it had been decoded."""
+        self.observe(hidden, cos, sin)
+        self.update(keys, values)
+
+    def analytic_bytes(self) -> int:
+        """Bytes the layer should hold by formula (checked against :meth:`stored_bytes` in tests)."""
+        B = self.wk.shape[0] if self.wk is not None else 0
+        el = torch.finfo(self.dtype).bits // 8
+        rk, rv, g = self.fk.rank, self.fv.rank, self.fk.groups
+        n_fp = 0 if self.zk is None else self.zk.shape[2]
+        n_q = QUANT_GROUP * len(self.q_chunks)
+        n_w = 0 if self.wk is None else self.wk.shape[2]
+        C = self.wk.shape[1] * self.wk.shape[3] if self.wk is not None else 0
+        fp = (n_fp + n_w) * (rk + rv) * el + n_w * 2 * C * el
+        q = n_q * (rk + rv) // 2 + 2 * el * (rk * (n_q // QUANT_GROUP) + n_q * self.fv.groups)
+        return B * (fp + q)
+
+
+def lowrank_cache(record: PrefillRecord, factors: list[tuple[Factors, Factors]], num_kv_heads: int,
+                  window: int = 32, quantize: bool = False, method: str = "cskv", materialize: bool = True
+                  ) -> CompressedCache:
+    """Build a :class:`LowRankLayer` cache from an exact prefill; ``factors[l] = (K factors, V factors)``."""
+    if len(factors) != len(record.layers):
+        raise ValueError(f"got factors for {len(factors)} layers, the model has {len(record.layers)}")
+    layers = []
+    for (fk, fv), rec in zip(factors, record.layers):
+        layer = LowRankLayer(fk, fv, num_kv_heads, window=window, quantize=quantize, materialize=materialize)
+        layer.load_prefill(rec.hidden, rec.keys, rec.values, rec.cos, rec.sin)
+        layers.append(layer)
+    return CompressedCache(layers, method=method)

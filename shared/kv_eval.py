@@ -1,0 +1,175 @@
+"""Evaluate KV-cache methods on :class:`~shared.tasks.PromptCase` lists — the engine every KV paper's tables use.
+
+Per batch of cases (equal context length): the exact context prefill runs **once** (:func:`record_prefill`) and is
+shared by all methods; each method compresses it into its own cache; then the forced tokens are decoded one at a
+time through that cache (true incremental decoding — no mixed-mask shortcut).
+
+Protocols (see shared/tasks/base.py):
+    decode  prefill = context; decoded through the cache = question + answer prefix + answer (multi-turn use)
+    paper   prefill = context + question + answer prefix; decoded = answer (the paper's setup)
+
+Metrics per case, all against the gold answer and against the full cache on the same tokens:
+    correct      every answer token is the greedy (argmax) choice — identical to greedy decoding reproducing the
+                 gold answer as its first tokens
+    answer_nll   mean negative log-likelihood of the answer tokens (continuation perplexity = exp of it)
+    kl           mean KL(full ‖ method) of next-token distributions over all decoded positions
+    top1         fraction of decoded positions whose argmax equals the full cache's argmax
+    bytes        real storage of the compressed context cache; full_bytes the same for the full cache
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from shared.cache.base import CompressedCache, PrefillRecord, attach, full_cache, record_prefill
+from shared.tasks.base import PromptCase
+
+PROTOCOLS = ("decode", "paper")
+MethodBuilder = Callable[[PrefillRecord], CompressedCache]
+
+
+def split_case(case: PromptCase, protocol: str) -> tuple[list[int], list[int], int]:
+    """(prefilled ids, decoded ids, index in decoded ids where the answer starts)."""
+    if protocol == "decode":
+        return case.prefix_ids, case.query_ids + case.answer_ids, len(case.query_ids)
+    if protocol == "paper":
+        return case.prefix_ids + case.query_ids, case.answer_ids, 0
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+@torch.no_grad()
+def decode_through(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Feed ``tokens`` [B, n] one position at a time through ``cache``; returns logits [B, n, V] (fp32)."""
+    out = []
+    with attach(model, cache):
+        for i in range(tokens.shape[1]):
+            pos = torch.full((tokens.shape[0], 1), start_pos + i, dtype=torch.long, device=tokens.device)
+            logits = model(input_ids=tokens[:, i:i + 1], position_ids=pos, past_key_values=cache,
+                           use_cache=True).logits
+            out.append(logits[:, -1].float())
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def greedy_generate(model, cache: CompressedCache, first_logits: torch.Tensor, start_pos: int, max_new_tokens: int,
+                    eos_token_id: int | None = None) -> list[list[int]]:
+    """Greedy decoding (the paper's LongEval protocol) from ``first_logits`` [B, V]; returns new token ids."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    B = first_logits.shape[0]
+    nxt = first_logits.argmax(-1)
+    done = torch.zeros(B, dtype=torch.bool, device=nxt.device)
+    outs: list[list[int]] = [[] for _ in range(B)]
+    with attach(model, cache):
+        for i in range(max_new_tokens):
+            for b in range(B):
+                if not done[b]:
+                    outs[b].append(int(nxt[b]))
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            pos = torch.full((B, 1), start_pos + i, dtype=torch.long, device=nxt.device)
+            logits = model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True).logits
+            nxt = logits[:, -1].argmax(-1)
+    return outs
+
+
+def _pad_right(seqs: list[list[int]], pad: int) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad] * (n - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _batches(cases: list[PromptCase], protocol: str, batch_size: int):
+    groups = defaultdict(list)
+    for i, c in enumerate(cases):
+        groups[len(split_case(c, protocol)[0])].append(i)
+    for _, idx in sorted(groups.items()):
+        for s in range(0, len(idx), batch_size):
+            yield idx[s:s + batch_size]
+
+
+@torch.no_grad()
+def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBuilder], protocol: str = "decode",
+                     batch_size: int = 4, pad_token_id: int = 0, desc: str = "cases") -> list[dict]:
+    """Score every method on every case; the full cache is always evaluated (first) as the reference.
+
+    Returns one row per (method, case): ``{"method", "case", "correct", "answer_nll", "kl", "top1", "bytes",
+    "full_bytes", "context_tokens"}``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if not cases:
+        raise ValueError("no cases to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    rows: list[dict] = []
+    all_methods = {"full": full_cache, **{k: v for k, v in methods.items() if k != "full"}}
+    bar = tqdm(total=len(cases) * len(all_methods), desc=desc, leave=False)
+    for idx in _batches(cases, protocol, batch_size):
+        splits = [split_case(cases[i], protocol) for i in idx]
+        prefill = torch.tensor([s[0] for s in splits], dtype=torch.long, device=device)
+        forced = _pad_right([s[1] for s in splits], pad_token_id).to(device)
+        record = record_prefill(model, prefill)
+        T = prefill.shape[1]
+        full_logp = None
+        full_bytes = None
+        for name, build in all_methods.items():
+            cache = build(record)
+            stored = cache.stored_bytes()
+            logits = decode_through(model, cache, forced, start_pos=T)
+            # logits_all[:, j] predicts forced[:, j]; the first one comes from the exact prefill.
+            logits_all = torch.cat([record.last_logits[:, None], logits[:, :-1]], dim=1)
+            logp = torch.log_softmax(logits_all, -1)
+            if name == "full":
+                full_logp, full_bytes = logp, stored
+            for b, i in enumerate(idx):
+                _, dec, a0 = splits[b]
+                n = len(dec)
+                ans = torch.tensor(dec[a0:], device=device)
+                lp = logp[b, :n]
+                ref = full_logp[b, :n]
+                rows.append({
+                    "method": name, "case": i, "context_tokens": T,
+                    "correct": bool((lp[a0:].argmax(-1) == ans).all()),
+                    "answer_nll": float(-lp[a0:].gather(-1, ans[:, None]).mean()),
+                    "kl": float((ref.exp() * (ref - lp)).sum(-1).mean()),
+                    "top1": float((lp.argmax(-1) == ref.argmax(-1)).float().mean()),
+                    "bytes": stored // len(idx), "full_bytes": full_bytes // len(idx),
+                })
+            bar.update(len(idx))
+            del cache
+    bar.close()
+    return rows
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...] = ("method",)) -> list[dict]:
+    """Aggregate per-case rows: accuracy with n and 95% Wilson interval, mean NLL/KL/top-1, bytes ratio."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in keys)].append(r)
+    out = []
+    for key, rs in groups.items():
+        n, k = len(rs), sum(r["correct"] for r in rs)
+        lo, hi = wilson_interval(k, n)
+        out.append({**dict(zip(keys, key)), "n": n, "accuracy": k / n, "ci95": [lo, hi],
+                    "answer_ppl": math.exp(sum(r["answer_nll"] for r in rs) / n),
+                    "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
+                    "bytes_ratio": sum(r["bytes"] for r in rs) / max(1, sum(r["full_bytes"] for r in rs))})
+    return out
