@@ -1,0 +1,127 @@
+"""MLflow tracking with one layout for every paper.
+
+* Store: ``sqlite:///<repo>/mlflow.db`` (absolute, so DVC stages running inside ``papers/<id>/`` write to the same
+  store) and artifacts under ``<repo>/mlartifacts/<paper>``. ``REPRISE_MLFLOW_URI`` / ``REPRISE_MLFLOW_ARTIFACTS``
+  override both (tests use a temporary store).
+* One experiment per paper, one parent run per DVC stage, nested runs per table cell.
+* Provenance tags on every parent run: git sha + dirty flag, DVC stage, package versions, device, seed.
+* Results are written to files first (by the stage), MLflow second — MLflow is a browser, not the source of truth.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from shared.paths import REPO_ROOT
+
+TRACKED_PACKAGES = ("torch", "transformers", "lightning", "triton", "mlflow", "dvc", "datasets")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("REPRISE_MLFLOW_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}")
+
+
+def artifact_root() -> Path:
+    return Path(os.environ.get("REPRISE_MLFLOW_ARTIFACTS", REPO_ROOT / "mlartifacts"))
+
+
+def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
+    def run(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    sha = run("rev-parse", "HEAD") or "unknown"
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    return {"git_sha": sha, "git_dirty": str(dirty).lower()}
+
+
+def provenance_tags(stage: str, seed: int | None) -> dict[str, str]:
+    import torch
+
+    tags = {**git_state(), "dvc_stage": stage, "seed": str(seed), "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"}
+    for pkg in TRACKED_PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def ensure_experiment(paper_id: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(paper_id)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root() / paper_id
+    location.mkdir(parents=True, exist_ok=True)
+    return mlflow.create_experiment(paper_id, artifact_location=location.as_uri())
+
+
+class StageRun:
+    """Handle to the parent run of one DVC stage; :meth:`cell` logs one table cell as a nested run."""
+
+    def __init__(self, run, experiment_id: str):
+        self.run, self.experiment_id = run, experiment_id
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def cell(self, name: str, metrics: dict[str, float], params: dict | None = None) -> None:
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id):
+            if params:
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                           run_id=self.run_id)
+
+    def log_artifact(self, path: str | Path) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), run_id=self.run_id)
+
+
+@contextmanager
+def stage_run(paper_id: str, stage: str, params: dict, seed: int | None = None) -> Iterator[StageRun]:
+    """Parent MLflow run for a DVC stage, with provenance tags and the stage's params logged."""
+    import mlflow
+
+    exp_id = ensure_experiment(paper_id)
+    with mlflow.start_run(run_name=stage, experiment_id=exp_id, tags=provenance_tags(stage, seed)) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        yield StageRun(run, exp_id)
+
+
+def lightning_logger(paper_id: str, run_name: str):
+    """Lightning's ``MLFlowLogger`` on the same store (``tracking_uri`` passed, or it would write ./mlruns)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    ensure_experiment(paper_id)
+    return MLFlowLogger(experiment_name=paper_id, run_name=run_name, tracking_uri=tracking_uri(),
+                        artifact_location=(artifact_root() / paper_id).as_uri())
