@@ -79,14 +79,17 @@ def reconstruction_error(X: torch.Tensor, W: torch.Tensor, factors: list[Factors
 
 
 class _TokenChunks(Dataset):
-    def __init__(self, X: torch.Tensor, seq_len: int):
-        self.X, self.seq_len = X, seq_len
+    """Sequences of ``seq_len`` calibration tokens with their fixed targets ``X·W`` (computed once)."""
+
+    def __init__(self, X: torch.Tensor, W: torch.Tensor, seq_len: int):
+        self.X, self.target, self.seq_len = X, torch.einsum("lnd,ldc->lnc", X, W.float()), seq_len
 
     def __len__(self) -> int:
         return self.X.shape[1] // self.seq_len
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.X[:, i * self.seq_len:(i + 1) * self.seq_len]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = slice(i * self.seq_len, (i + 1) * self.seq_len)
+        return self.X[:, s], self.target[:, s]
 
 
 class LayerwiseLowRank(L.LightningModule):
@@ -108,16 +111,17 @@ class LayerwiseLowRank(L.LightningModule):
             z = fake_quant_int4(z, QUANT_GROUP, axis=-2) if self.kind == "k" else fake_quant_int4(z, z.shape[-1], axis=-1)
         return z
 
-    def loss(self, X: torch.Tensor) -> torch.Tensor:
-        target = torch.einsum("lnd,ldc->lnc", X, self.W)
+    def loss(self, X: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if target is None:
+            target = torch.einsum("lnd,ldc->lnc", X, self.W)
         y = torch.einsum("lgnr,lgrc->lgnc", self.latent(X), self.B)
         Lyr, g, n, cg = y.shape
         y = y.permute(0, 2, 1, 3).reshape(Lyr, n, g * cg)
         return ((y - target) ** 2).mean(dim=(1, 2)).sum()  # Σ_l MSE_l
 
     def training_step(self, batch, batch_idx):
-        X = batch[0] if batch.dim() == 4 else batch
-        loss = self.loss(X)
+        X, target = batch
+        loss = self.loss(X, target)
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
 
@@ -138,7 +142,7 @@ def train_factors(X: torch.Tensor, W: torch.Tensor, init: list[Factors], kind: s
         raise ValueError(f"steps must be >= 1, got {steps}")
     L.seed_everything(seed, workers=True, verbose=False)
     module = LayerwiseLowRank(W, init, kind, lr=lr, total_steps=steps, qat=qat)
-    data = DataLoader(_TokenChunks(X, seq_len), batch_size=None, shuffle=True,
+    data = DataLoader(_TokenChunks(X, W, seq_len), batch_size=None, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu" if not torch.cuda.is_available() else "auto",
                         devices=devices, strategy=strategy, logger=logger or False, enable_checkpointing=False,

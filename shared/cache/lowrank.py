@@ -7,7 +7,9 @@ groups, values per-token — the paper's/KIVI's quantizer, from ``kernels.quant`
 
 Blocked window (official code, KIVI-style): at decode step t (the token at position t attends), key j is kept
 exact iff ``j ≥ W·⌊t/W⌋``; ``W = 0`` keeps nothing exact. Prefill attention is exact (new tokens of a multi-token
-``update`` are returned exact); the window rule is applied after it.
+``update`` are returned exact); the window rule is applied after it. Batches with left padding work (padding is
+masked by the model); window blocks are aligned on batch positions, so a padded row's window boundary can sit up to
+W − 1 tokens away from where its solo run would put it (identical when the pad count is a multiple of W).
 
 Reconstruction of a completed block never changes, so it is materialized once when the block leaves the window
 (``materialize=True``, default; scratch, excluded from byte accounting); ``materialize=False`` rebuilds every

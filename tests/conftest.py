@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny random Llama (fast, no data needed) and the embedded SmolLM2 (needs `make data`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.models import EMBEDDED_MODELS
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-layer random Llama with GQA (4 query / 2 KV heads, head_dim 16) in fp32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      rope_theta=10000.0, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    folder, gguf = EMBEDDED_MODELS["smollm2-135m"]
+    if not (folder / gguf).is_file():
+        pytest.skip("embedded model not fetched; run `make data`")
+    from shared.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from papers.cskv.module import (LayerwiseLowRank, activation_stats, init_factors, reconstruction_error,
+                                train_factors)
+from papers.cskv.stages import factor_name, load_params, needed_factor_sets
+from shared.cache.decompose import factorize
+from shared.paths import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Correlated inputs (as real activations are) so that whitening matters."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(32, 32, generator=g) * torch.logspace(0, -2, 32)
+    X = (torch.randn(2, 512, 32, generator=g) @ mix) + 0.3 * torch.randn(32, generator=g)
+    W = torch.randn(2, 32, 16, generator=g)
+    return X, W
+
+
+def test_training_loss_decreases(problem):
+    X, W = problem
+    init = init_factors(W, activation_stats(X), 0.25, 8, 2, "svd", per_head=False)
+    before = LayerwiseLowRank(W, init, "k").loss(X).item()
+    _, module = train_factors(X, W, init, "k", steps=60, seq_len=64, lr=1e-2, progress=False)
+    assert module.loss(X).item() < 0.9 * before
+
+
+def test_closed_form_optimum_le_trained_le_svd_init(problem):
+    X, W = problem
+    stats = activation_stats(X)
+    svd = init_factors(W, stats, 0.25, 8, 2, "svd", per_head=False)
+    whitened = init_factors(W, stats, 0.25, 8, 2, "whitened", per_head=False)
+    trained, _ = train_factors(X, W, svd, "k", steps=100, seq_len=64, lr=1e-2, progress=False)
+    e_svd, e_tr, e_wh = (reconstruction_error(X, W, f) for f in (svd, trained, whitened))
+    assert e_wh <= e_tr + 1e-6 and e_tr <= e_svd, (e_wh, e_tr, e_svd)
+
+
+def test_qat_training_runs_and_keeps_shapes(problem):
+    X, W = problem
+    init = init_factors(W, activation_stats(X), 0.5, 8, 2, "asvd", per_head=True)
+    f, module = train_factors(X, W, init, "v", steps=3, seq_len=64, lr=1e-3, qat=True, progress=False)
+    assert f[0].A.shape == init[0].A.shape and module.A.grad is not None
+
+
+def test_unknown_kind_and_bad_steps_raise(problem):
+    X, W = problem
+    init = [factorize(W[l], 4, 1, "svd") for l in range(2)]
+    with pytest.raises(ValueError, match="kind"):
+        LayerwiseLowRank(W, init, "q")
+    with pytest.raises(ValueError, match="steps"):
+        train_factors(X, W, init, "k", steps=0, seq_len=64, lr=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "papers.cskv.ddp_check", str(tmp_path)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert torch.equal(r0["A"], r1["A"]) and torch.equal(r0["B"], r1["B"])
+
+
+def test_factor_sets_cover_every_table_method():
+    p = load_params()
+    names = {fs["name"] for fs in needed_factor_sets(p)}
+    d = round(1 - p["ablation"]["ratio"], 6)
+    for kind in ("k", "v"):
+        assert factor_name(kind, p["train"]["init"], d, False, True, True) in names  # Table 5 QAT
+        for init in ("random", "svd", "asvd"):
+            assert factor_name(kind, init, d, False, False) in names and factor_name(kind, init, d, False, True) in names
+    for dk, dv in p["ablation"]["kv_densities"]:
+        assert factor_name("k", p["train"]["init"], dk, False, True) in names
+        assert factor_name("v", p["train"]["init"], dv, False, True) in names

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import yaml
+
+from shared import reports, tracking
+
+
+def test_tracking_round_trip_into_temporary_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRISE_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("REPRISE_MLFLOW_ARTIFACTS", str(tmp_path / "art"))
+    import mlflow
+
+    with tracking.stage_run("demo", "table1", {"a": {"b": 1}}, seed=7) as run:
+        run.cell("cell-1", {"accuracy": 0.5}, {"method": "x"})
+        run.log_metrics({"seconds": 3.0})
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name("demo")
+    assert exp.artifact_location.startswith((tmp_path / "art").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "table1")
+    child = next(r for r in runs if r.info.run_name == "cell-1")
+    assert parent.data.tags["seed"] == "7" and parent.data.tags["dvc_stage"] == "table1"
+    assert "git_sha" in parent.data.tags and parent.data.tags["git_dirty"] in ("true", "false")
+    assert "version.torch" in parent.data.tags
+    assert parent.data.params["a.b"] == "1" and parent.data.metrics["seconds"] == 3.0
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.metrics["accuracy"] == 0.5
+
+
+def test_report_renders_claims_tables_and_plot(tmp_path):
+    papers, out = tmp_path / "papers", tmp_path / "reports"
+    (papers / "demo" / "results").mkdir(parents=True)
+    (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({
+        "title": "Demo paper", "claims": [{"id": "c1", "table": "Table 1", "claim": "it works", "paper": "0.9"},
+                                          {"id": "c2", "table": "Table 2", "claim": "unrun", "paper": "1.0"}]}))
+    (papers / "demo" / "results" / "t1.json").write_text(json.dumps({
+        "title": "T1", "columns": [["m", "method"], ["x", "x"], ["acc", "acc"]],
+        "rows": [{"m": "a", "x": 1, "acc": 0.5}, {"m": "a", "x": 2, "acc": 0.75}],
+        "claims": [{"id": "c1", "ours": "0.75", "verdict": "partially reproduced", "note": "small model"}],
+        "plot": {"x": "x", "y": "acc", "series": "m"}, "notes": ["a note"]}))
+    path = reports.render("demo", papers_dir=papers, reports_dir=out)
+    text = path.read_text()
+    assert "| it works | Table 1 | 0.9 | 0.75 | partially reproduced | small model |" in text
+    assert "| unrun | Table 2 | 1.0 | not run | pending |" in text
+    assert "| a | 1 | 0.5 |" in text and "- a note" in text
+    assert (out / "demo" / "t1.png").stat().st_size > 1000
+
+
+def test_report_rejects_unknown_verdict_and_missing_results(tmp_path):
+    papers = tmp_path / "papers"
+    (papers / "demo" / "results").mkdir(parents=True)
+    (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({"title": "D", "claims": [
+        {"id": "c1", "table": "T", "claim": "c", "paper": "1"}]}))
+    with pytest.raises(FileNotFoundError, match="no result files"):
+        reports.render("demo", papers_dir=papers, reports_dir=tmp_path)
+    (papers / "demo" / "results" / "t.json").write_text(json.dumps({
+        "title": "T", "columns": [["a", "a"]], "rows": [], "claims": [{"id": "c1", "ours": "x", "verdict": "great"}]}))
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        reports.render("demo", papers_dir=papers, reports_dir=tmp_path)
+
+
+def test_markdown_table_needs_columns():
+    with pytest.raises(ValueError):
+        reports.markdown_table([], [])
