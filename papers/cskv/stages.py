@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from papers.cskv.module import (activation_stats, collect_inputs, init_factors, load_factors, projection_weights,
                                 reconstruction_error, save_factors, train_factors)
 from shared.cache.eviction import h2o_cache, h2o_scores, streaming_llm_cache
+from shared.cache.fused import use_fused_latent_attention
 from shared.cache.lowrank import lowrank_cache
 from shared.io import read_yaml, write_json
 from shared.kv_eval import evaluate_methods, summarize
@@ -39,6 +41,8 @@ def load_params(path: Path = HERE / "params.yaml") -> dict:
     for r in p["table1"]["ratios"] + [p["ablation"]["ratio"]]:
         if not 0.0 < r < 1.0:
             raise ValueError(f"compression ratios must be in (0, 1), got {r}")
+    if p["eval"].get("impl", "torch") not in ("torch", "triton"):
+        raise ValueError(f"eval.impl must be 'torch' or 'triton', got {p['eval']['impl']!r}")
     for task in p["eval"]["tasks"] + [p["ablation"]["task"]]:
         if task not in GENERATORS:
             raise ValueError(f"unknown task {task!r}; expected one of {sorted(GENERATORS)}")
@@ -157,8 +161,10 @@ class MethodFactory:
         fk = self.factors("k", init, dk, per_head, trained, qat)
         fv = self.factors("v", init, dv, per_head, trained, qat)
         w = self.p["window"] if window is None else window
+        # impl="triton": per-head factor sets decode through the fused kernel; joint ones stay on torch
+        impl = self.p["eval"].get("impl", "torch") if per_head else "torch"
         return lambda rec: lowrank_cache(rec, list(zip(fk, fv)), self.spec.num_kv_heads, window=w,
-                                         quantize=quantize)
+                                         quantize=quantize, impl=impl)
 
     def h2o(self, ratio):
         def build(rec):
@@ -199,8 +205,10 @@ def make_cases(tok, task: str, length: int, n: int, seed: int) -> list:
 def run_cells(model, tok, p, task, length, methods: dict, protocol: str, run, labels: dict) -> list[dict]:
     """Evaluate one (task, length) for all methods; returns summary rows tagged with ``labels[method]``."""
     cases = make_cases(tok, task, length, p["eval"]["n_cases"], p["seed"])
-    rows = evaluate_methods(model, cases, methods, protocol=protocol, batch_size=p["eval"]["batch_size"],
-                            pad_token_id=tok.pad_token_id, desc=f"{task}@{length} {protocol}")
+    fused = use_fused_latent_attention(model) if p["eval"].get("impl", "torch") == "triton" else nullcontext()
+    with fused:
+        rows = evaluate_methods(model, cases, methods, protocol=protocol, batch_size=p["eval"]["batch_size"],
+                                pad_token_id=tok.pad_token_id, desc=f"{task}@{length} {protocol}")
     out = []
     for s in summarize(rows):
         s.update({"task": task, "length": length, "protocol": protocol, **labels.get(s["method"], {})})

@@ -43,6 +43,7 @@ def attach(model, cache: "Cache") -> Iterator[None]:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
             layer = cache.layers[idx] if idx < len(cache.layers) else None
+            module._reprise_cache_layer = layer  # read by shared.cache.fused's attention function
             if layer is not None and hasattr(layer, "observe"):
                 layer.observe(hidden, cos, sin)
         handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
@@ -51,6 +52,8 @@ def attach(model, cache: "Cache") -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+        for attn in attention_modules(model):
+            attn._reprise_cache_layer = None
 
 
 @dataclass

@@ -34,10 +34,17 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
 
 class LowRankLayer(CompressedLayer):
     def __init__(self, fk: Factors, fv: Factors, num_kv_heads: int, window: int = 32, quantize: bool = False,
-                 materialize: bool = True):
+                 materialize: bool = True, impl: str = "torch"):
         super().__init__()
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0, got {window!r}")
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+        if impl == "triton" and (fk.groups != num_kv_heads or fv.groups != num_kv_heads):
+            raise ValueError(f"impl='triton' needs the per-head decomposition (groups = {num_kv_heads} KV heads); "
+                             f"got groups {fk.groups}/{fv.groups} — the joint one is compute-bound, use impl='torch'")
+        self.impl = impl
+        self.fused_step_ready = False
         if quantize and (fk.A.shape[-1] % 2 or fv.A.shape[-1] % 2):
             raise ValueError(f"int4 packing needs an even rank per group, got {fk.A.shape[-1]} / {fv.A.shape[-1]}")
         self.fk, self.fv, self.num_kv_heads = fk, fv, num_kv_heads
@@ -137,8 +144,32 @@ class LowRankLayer(CompressedLayer):
         self._rebalance()
         if n_new > 1:
             return out_k, out_v
+        if self.impl == "triton":  # the fused attention reads the latents itself (shared.cache.fused)
+            self.fused_step_ready = True
+            return self.wk, self.wv
         parts = self._latent_kv() + [(self.wk, self.wv)]
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+    def fused_attention(self, q: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """One decode step over the stored latents + window with ``kernels.latent_attention`` (q: [B, Hq, D])."""
+        from kernels.latent_attention import latent_decode_attention
+        from kernels.quant import cat_int4_tokens
+
+        B, Hkv, D = q.shape[0], self.num_kv_heads, q.shape[-1]
+        if self.q_chunks and (self.zk is None or self.zk.shape[2] == 0):
+            lk = cat_int4_tokens([c[0] for c in self.q_chunks])
+            lv = cat_int4_tokens([c[1] for c in self.q_chunks])
+        else:  # fp latents (or a mixed quantized + fp tail: dequantize the chunks)
+            zk = [dequantize_int4(c[0]) for c in self.q_chunks] + ([self.zk] if self.zk is not None else [])
+            zv = [dequantize_int4(c[1]) for c in self.q_chunks] + ([self.zv] if self.zv is not None else [])
+            empty = q.new_zeros(B, Hkv, 0, self.fk.A.shape[-1]), q.new_zeros(B, Hkv, 0, self.fv.A.shape[-1])
+            lk = torch.cat(zk, 2) if zk else empty[0]
+            lv = torch.cat(zv, 2) if zv else empty[1]
+        n = self.n_latent
+        cos = self._lat_cos if self._lat_cos is not None else q.new_zeros(B, 0, D)
+        sin = self._lat_sin if self._lat_sin is not None else q.new_zeros(B, 0, D)
+        return latent_decode_attention(q, lk, lv, self.fk.B.to(q.dtype), self.fv.B.to(q.dtype), cos[:, :n],
+                                       sin[:, :n], self.wk, self.wv, scale=scaling, impl="triton")
 
     def load_prefill(self, hidden, keys, values, cos, sin) -> None:
         """Compress an exactly-prefilled context (from a :class:`PrefillRecord`) as if it had been decoded."""
@@ -160,14 +191,15 @@ class LowRankLayer(CompressedLayer):
 
 
 def lowrank_cache(record: PrefillRecord, factors: list[tuple[Factors, Factors]], num_kv_heads: int,
-                  window: int = 32, quantize: bool = False, method: str = "cskv", materialize: bool = True
-                  ) -> CompressedCache:
+                  window: int = 32, quantize: bool = False, method: str = "cskv", materialize: bool = True,
+                  impl: str = "torch") -> CompressedCache:
     """Build a :class:`LowRankLayer` cache from an exact prefill; ``factors[l] = (K factors, V factors)``."""
     if len(factors) != len(record.layers):
         raise ValueError(f"got factors for {len(factors)} layers, the model has {len(record.layers)}")
     layers = []
     for (fk, fv), rec in zip(factors, record.layers):
-        layer = LowRankLayer(fk, fv, num_kv_heads, window=window, quantize=quantize, materialize=materialize)
+        layer = LowRankLayer(fk, fv, num_kv_heads, window=window, quantize=quantize, materialize=materialize,
+                             impl=impl)
         layer.load_prefill(rec.hidden, rec.keys, rec.values, rec.cos, rec.sin)
         layers.append(layer)
     return CompressedCache(layers, method=method)
