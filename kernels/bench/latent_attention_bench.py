@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from kernels.bench import common
 
 
 @dataclass(frozen=True)
@@ -58,25 +55,16 @@ METHODS = ("full_sdpa", "naive_joint", "fused_fp16", "fused_int4")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--out", default="reports/cskv_kernels", help="output prefix: writes <out>.json and <out>.md")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes and few reps (CPU smoke run, Triton interpreter)")
+    p = common.BenchParser(__doc__.split("\n\n")[0], out="reports/cskv_kernels", reps=(30, 2), warmup=(5, 1))
     p.add_argument("--peak-gbps", type=float, default=3350.0, help="memory bandwidth peak (H100 SXM: 3350)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30; tiny: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 5; tiny: 1)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 (tiny: 1 2)")
     p.add_argument("--contexts", type=int, nargs="+", default=None, help="default 4096 16384 65536 131072 (tiny: 64)")
     p.add_argument("--densities", type=float, nargs="+", default=None, help="default 0.5 0.2 (tiny: 0.5)")
     p.add_argument("--window", type=int, default=None, help="exact recent window W (default 32; tiny: 8)")
     p.add_argument("--key-group", type=int, default=None, help="int4 key group in tokens (default 32; tiny: 8)")
     p.add_argument("--no-memory", action="store_true", help="skip the whole-cache memory section")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = p.parse_bench_args(argv)
     tiny = args.tiny
-    args.reps = args.reps if args.reps is not None else (2 if tiny else 30)
-    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 5)
     args.batches = args.batches or ([1, 2] if tiny else [1, 8])
     args.contexts = args.contexts or ([64] if tiny else [4096, 16384, 65536, 131072])
     args.densities = args.densities or ([0.5] if tiny else [0.5, 0.2])
@@ -86,8 +74,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_models = ([(TINY, 1, 64)] if tiny else
                           [(SMOLLM2_135M, 1, 8192), (SMOLLM2_135M, 8, 8192), (LLAMA2_7B, 1, 16384),
                            (MISTRAL_7B, 1, 32768)])
-    if args.reps < 1 or args.warmup < 0:
-        raise ValueError(f"--reps must be >= 1 and --warmup >= 0, got {args.reps}, {args.warmup}")
     if args.peak_gbps <= 0:
         raise ValueError(f"--peak-gbps must be > 0, got {args.peak_gbps}")
     for d in args.densities:
@@ -97,32 +83,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if L <= args.window or (L - args.window) % args.key_group != 0:
             raise ValueError(f"each context must exceed the window ({args.window}) and context - window must be a "
                              f"multiple of --key-group ({args.key_group}), got {L}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU; use --device cpu --tiny here")
+    common.check_device(args)
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------- timing
 def _time_us(fn: Callable[[], Any], device: str, reps: int, warmup: int) -> float:
     """Median wall time of ``fn`` in microseconds (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    return common.median_ms(fn, device, reps, warmup) * 1e3
 
 
 def _time_graph_us(fn: Callable[[], Any], reps: int, warmup: int) -> float | None:
@@ -145,20 +113,6 @@ def _time_graph_us(fn: Callable[[], Any], reps: int, warmup: int) -> float | Non
     finally:
         del graph
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _error_status(err: BaseException) -> str:
-    msg = str(err).splitlines()[0][:200] if str(err) else ""
-    return f"error: {type(err).__name__}: {msg}"
-
-
-def _free(device: str) -> None:
-    if device == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -239,12 +193,12 @@ def _run_case(method: str, m: ModelShape, batch: int, ctx: int, density: float,
         graph_us = _time_graph_us(fn, args.reps, args.warmup) if dev == "cuda" else None
         return us, graph_us, nbytes, "ok"
     except Exception as err:  # noqa: BLE001 - a case that does not fit (or fails) is recorded, not fatal
-        if _is_oom(err):
+        if common.is_oom(err):
             return None, None, 0, "oom"
-        return None, None, 0, _error_status(err)
+        return None, None, 0, common.error_status(err)
     finally:
         state.clear()
-        _free(dev)
+        common.free(dev)
 
 
 # ---------------------------------------------------------------------------------------------------- memory section
@@ -292,11 +246,11 @@ def _decode_memory(m: ModelShape, batch: int, ctx: int, method: str, args: argpa
             row["peak_bytes"] = None
         row["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - recorded, not fatal
-        status = "oom" if _is_oom(err) else _error_status(err)
+        status = "oom" if common.is_oom(err) else common.error_status(err)
         row.update(cache_bytes=None, peak_bytes=None, status=status)
     finally:
         layers.clear()
-        _free(dev)
+        common.free(dev)
     return row
 
 
@@ -390,11 +344,8 @@ def _markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``<out>.json`` and ``<out>.md``; returns the result dict."""
     args = _parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is first imported
+    common.use_interpreter_on_cpu(args.device)
     import triton
-
-    from shared.io import write_json, write_text_atomic
 
     torch.manual_seed(args.seed)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
@@ -409,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     cases = [(m, b, L, d) for m in args.models for b in args.batches for L in args.contexts for d in args.densities]
     full_cache: dict[tuple, tuple[float | None, float | None, int, str]] = {}
-    for m, b, L, d in tqdm(cases, desc="latent attention bench", unit="case"):
+    for m, b, L, d in common.progress(cases, "latent attention bench"):
         for method in METHODS:
             if method == "full_sdpa":  # independent of density: measure once per (model, batch, ctx)
                 key = (m.name, b, L)
@@ -436,12 +387,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_memory:
         mem_cases = [(m, b, L, meth) for m, b, L in args.memory_models
                      for meth in ("full_sdpa", "fused_fp16", "fused_int4", "naive_perhead")]
-        for m, b, L, meth in tqdm(mem_cases, desc="whole-cache memory", unit="case"):
+        for m, b, L, meth in common.progress(mem_cases, "whole-cache memory"):
             result["memory"].append(_decode_memory(m, b, L, meth, args))
         _add_compression(result["memory"])
-    out = Path(args.out)
-    write_json(out.with_name(out.name + ".json"), result)
-    write_text_atomic(out.with_name(out.name + ".md"), _markdown(result))
+    common.write_reports(args.out, result, _markdown(result))
     return result
 
 

@@ -5,6 +5,7 @@ Methods (same random bf16 inputs as ``shared/tools/gpu_cce_anchor.py``: ``e ~ N(
 * ``cce_ours`` — :func:`kernels.linear_cross_entropy.linear_cross_entropy` ``impl="triton"`` (gradient filtering
   ``"auto"``, no vocabulary sorting: the official default).
 * ``cce_ours_sorted`` — the same with ``vocab_sort=True``.
+* ``cce_ours_exact`` — the same without gradient filtering (``filter_eps=None``; the paper's "no filter" ablation).
 * ``cce_official`` — PyPI ``cut-cross-entropy`` (``cut_cross_entropy.linear_cross_entropy(..., impl="cce")``).
 * ``liger`` — ``liger-kernel``'s ``LigerFusedLinearCrossEntropyLoss``.
 * ``torch`` — ``F.cross_entropy((e @ c.T).float(), t)`` (the paper's baseline).
@@ -27,20 +28,17 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.metadata
-import json
 import math
-import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from kernels.bench import common
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,8 @@ SHAPES = {
     "llama3-8b": LossShape("llama3-8b", 8192, 4096, 128256),
 }
 TINY_SHAPES = {"tiny": LossShape("tiny", 32, 32, 250)}
-METHODS = ("cce_ours", "cce_ours_sorted", "cce_official", "liger", "torch", "torch_compile", "torch_chunked")
+METHODS = ("cce_ours", "cce_ours_sorted", "cce_ours_exact", "cce_official", "liger", "torch", "torch_compile",
+           "torch_chunked")
 PASSES = ("fw", "bw", "fw+bw")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: The paper's A100 numbers for the Gemma-2 setting (Table 1; PyTorch 2.4.1): (ms, MB) per pass, for context.
@@ -75,19 +74,12 @@ class NotInstalled(Exception):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--out", default="reports/cut_cross_entropy_kernels",
-                   help="output prefix: writes <out>.json and <out>.md")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes, few reps (CPU smoke run, Triton interpreter)")
+    p = common.BenchParser(__doc__.split("\n\n")[0], out="reports/cut_cross_entropy_kernels", reps=(20, 2),
+                           warmup=(3, 1))
     p.add_argument("--shapes", nargs="+", default=None, help=f"subset of {tuple(SHAPES)} (tiny: 'tiny')")
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS}")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; tiny: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 3; tiny: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = p.parse_bench_args(argv)
     table = TINY_SHAPES if args.tiny else SHAPES
     names = args.shapes or list(table)
     for n in names:
@@ -98,12 +90,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     for m in args.methods:
         if m not in METHODS:
             raise ValueError(f"--methods must be among {METHODS}, got {m!r}")
-    args.reps = args.reps if args.reps is not None else (2 if args.tiny else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    if args.reps < 1 or args.warmup < 0:
-        raise ValueError(f"--reps must be >= 1 and --warmup >= 0, got {args.reps}, {args.warmup}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU; use --device cpu --tiny here")
+    common.check_device(args)
     if args.device == "cpu" and not args.tiny:
         raise ValueError("--device cpu runs only with --tiny (the Triton interpreter is 100-1000x slower)")
     return args
@@ -123,11 +110,12 @@ def _version(dist: str) -> str:
 
 def _make_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss function of method ``name``; raises :class:`NotInstalled` for a missing optional package."""
-    if name in ("cce_ours", "cce_ours_sorted"):
+    if name in ("cce_ours", "cce_ours_sorted", "cce_ours_exact"):
         from kernels.linear_cross_entropy import linear_cross_entropy
 
         sort = name == "cce_ours_sorted"
-        return lambda e, c, t: linear_cross_entropy(e, c, t, impl="triton", vocab_sort=sort)
+        eps = None if name == "cce_ours_exact" else "auto"
+        return lambda e, c, t: linear_cross_entropy(e, c, t, impl="triton", vocab_sort=sort, filter_eps=eps)
     if name == "torch_chunked":
         from kernels.linear_cross_entropy import linear_cross_entropy
 
@@ -153,11 +141,6 @@ def _make_method(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------------ measuring
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _measure(fn: Callable, e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, pass_: str, device: str, reps: int,
              warmup: int) -> tuple[float, float | None, float]:
     """(median ms, peak MiB above the pre-pass allocation or None on CPU, loss) of one pass."""
@@ -176,36 +159,23 @@ def _measure(fn: Callable, e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, pa
     for _ in range(warmup):
         loss = step()
         del loss
-    _sync(device)
+    common.sync(device)
     times: list[float] = []
     peaks: list[int] = []
     loss_val = math.nan
     for _ in range(reps):
         if pass_ == "bw":
             loss = fwd()
-            _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            if pass_ == "bw":
-                loss.backward()
-            else:
-                loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-            peaks.append(torch.cuda.max_memory_allocated() - base)
+            common.sync(device)
+            timed = common.time_call(loss.backward, device, memory=True)
         else:
-            t0 = time.perf_counter()
-            if pass_ == "bw":
-                loss.backward()
-            else:
-                loss = step()
-            times.append((time.perf_counter() - t0) * 1e3)
+            timed = common.time_call(step, device, memory=True)
+            loss = timed.value
+        times.append(timed.ms)
+        if timed.peak_bytes is not None:
+            peaks.append(timed.peak_bytes)
         loss_val = float(loss.detach().float())
-        del loss
+        del loss, timed
     peak = statistics.median(peaks) / 2**20 if peaks else None
     return statistics.median(times), peak, loss_val
 
@@ -213,10 +183,9 @@ def _measure(fn: Callable, e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, pa
 def _status(err: BaseException) -> str:
     if isinstance(err, NotInstalled):
         return "not installed"
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+    if common.is_oom(err):
         return "OOM"
-    msg = str(err).splitlines()[0][:200] if str(err) else ""
-    return f"error: {type(err).__name__}: {msg}"
+    return common.error_status(err)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     cases = [(s, m) for s in args.shape_list for m in args.methods]
     fns: dict[str, Any] = {}
-    for shape, method in tqdm(cases, desc="linear-CE bench", unit="case"):
+    for shape, method in common.progress(cases, "linear-CE bench"):
         g = torch.Generator(device=device).manual_seed(args.seed)
         e = torch.randn(shape.n, shape.d, device=device, dtype=dtype, generator=g).requires_grad_()
         c = (torch.randn(shape.v, shape.d, device=device, dtype=dtype, generator=g) / shape.d ** 0.5).requires_grad_()
@@ -250,8 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["status"] = _status(err)
             rows.append(row)
             e.grad = c.grad = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            common.free(device)
         del e, c, t
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -310,22 +278,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point: measure, then write ``<out>.json`` and ``<out>.md``; returns the JSON document."""
     args = _parse_args(argv)
-    if args.device == "cpu":  # before the Triton module is imported: @triton.jit reads it at decoration time
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    common.use_interpreter_on_cpu(args.device)
     doc = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out.with_name(out.name + ".json"), json.dumps(doc, indent=2) + "\n")
-    _write_atomic(out.with_name(out.name + ".md"), render_markdown(doc))
+    common.write_reports(args.out, doc, render_markdown(doc), sort_keys=False)
     return doc
 
 

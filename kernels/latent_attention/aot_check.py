@@ -10,55 +10,24 @@ and prints shared memory (and, with ``cuobjdump``, registers/spills) per variant
 """
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
-import tempfile
 from typing import Any
+
+from kernels import aot
 
 _TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 
-def _resource_usage(cubin: bytes) -> str:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=False).stdout
-    finally:
-        os.unlink(path)
-    lines = [ln.strip() for ln in out.splitlines() if "REG:" in ln]
-    return " ".join(lines[0].split()[:2]) if lines else ""
-
-
 def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")) -> list[dict[str, Any]]:
     """Compile every launched kernel variant for ``sm_<arch>``; raises on the first compile error."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces @triton.jit kernels")
-    import triton
+    compiler = aot.AotCompiler(arch, usage_fields=2)  # REG / STACK
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from kernels.latent_attention import latent_attention_triton as lat
     from kernels.quant import quant_triton as qt
 
-    target = GPUTarget("cuda", arch, 32)
     tl_dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
-    report: list[dict[str, Any]] = []
-
-    def build(fn, types: dict[str, str], consts: dict[str, Any], tag: str, num_warps: int, num_stages: int) -> None:
-        sig = {name: ("constexpr" if name in consts else types.get(name, "i32")) for name in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                options=dict(num_warps=num_warps, num_stages=num_stages))
-        report.append(dict(kernel=fn.__name__, variant=tag, shared_bytes=kernel.metadata.shared,
-                           usage=_resource_usage(kernel.asm.get("cubin", b""))))
+    build = compiler.build
 
     for dt in dtypes:
         ptr = f"*{_TYPES[dt]}"
@@ -85,17 +54,11 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32
         build(lat._latent_combine_kernel, ctypes,
               dict(G=4, D=128, RV=64, HAS_WMASK=True, MODE=mode, DOT=dot, BLOCK_G=16, BLOCK_W=16, BLOCK_D=128,
                    BLOCK_RV=64), dt, 8, 1)
-    return report
+    return compiler.report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
-    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"], choices=sorted(_TYPES))
-    args = p.parse_args(argv)
-    for row in compile_all(args.arch, tuple(args.dtypes)):
-        print(f"{row['kernel']:34s} {row['variant']:22s} shared={row['shared_bytes']:>7d} {row['usage']}")
-    return 0
+    return aot.main(argv, __doc__.split("\n\n")[0], compile_all, ("fp16", "bf16", "fp32"), (34, 22))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def check_linear_cross_entropy_inputs(e: object, c: object, targets: object, bia
     if e.dtype not in SUPPORTED_DTYPES[impl]:
         raise ValueError(f"e.dtype must be one of {SUPPORTED_DTYPES[impl]} for impl={impl!r}, got {e.dtype}")
     if not isinstance(c, Tensor) or c.ndim != 2:
-        raise ValueError(f"c must be a [V, D] tensor, got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+        got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+        raise ValueError(f"c must be a [V, D] tensor, got {got}")
     if c.shape[1] != e.shape[-1]:
         raise ValueError(f"c.shape[1] must equal the hidden size e.shape[-1] = {e.shape[-1]}, got {c.shape[1]}")
     if c.shape[0] < 1 or e.shape[-1] < 1:
@@ -102,8 +103,8 @@ def linear_cross_entropy(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | N
                          impl: str = "triton", chunk_size: int | None = None) -> Tensor:
     """Cross-entropy of ``logits = e @ cᵀ + bias`` against ``targets``, without materialising the logits.
 
-    ``loss_i = logsumexp_v(e_i·c_v + b_v) − (e_i·c_{y_i} + b_{y_i})`` (Eq. 1); gradients ``∇E = (S − Y) C``,
-    ``∇C = (S − Y)ᵀ E`` (Eqs. 3–4), for ``e``, ``c`` and ``bias``.
+    ``loss_i = logsumexp_v(e_i·c_v + b_v) − (e_i·c_{y_i} + b_{y_i})`` (Eq. (L)); gradients ``∇E = (S − Y) C``,
+    ``∇C = (S − Y)ᵀ E`` (Eqs. (G)), for ``e``, ``c`` and ``bias``.
 
     Args:
         e: ``[..., D]`` hidden states, fp32 / fp16 / bf16 (fp64 for the torch impls).

@@ -20,7 +20,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, atten
                    impl: str = "triton", ignore_index: int = -100, reduction: str = "mean",
                    filter_eps: str | float | None = "auto", vocab_sort: bool = False,
                    num_items_in_batch: int | Tensor | None = None, **model_kwargs: Any) -> Tensor:
-    """Causal-LM loss of ``model`` on ``input_ids`` / ``labels`` through linear cross-entropy (Eq. 1, shifted).
+    """Causal-LM loss of ``model`` on ``input_ids`` / ``labels`` through linear cross-entropy (Eq. (L), shifted).
 
     Args:
         model: a ``transformers`` ``*ForCausalLM`` whose logits are ``lm_head(hidden)`` (no soft-capping/scaling).

@@ -4,9 +4,12 @@ Cut Cross-Entropy (Wijmans et al., arXiv 2411.09009; spec: papers/cut_cross_entr
 hidden state ``e_i`` (``E ∈ R^{N×D}``), classifier ``C ∈ R^{V×D}``, optional bias ``b ∈ R^V`` and target ``y_i``::
 
     z_i      = C e_i + b                                        (logits, one row of E Cᵀ + b)
-    ℓ_i      = logsumexp_v(z_iv) − z_{i,y_i}                    (Eq. 1 of the paper: LSE minus the indexed logit)
+    ℓ_i      = logsumexp_v(z_iv) − z_{i,y_i}                    (L)  LSE minus the indexed logit
     ∇z_i     = (softmax(z_i) − onehot(y_i)) · g_i               (g_i: upstream gradient of ℓ_i)
-    ∇E       = (S − Y) C,   ∇C = (S − Y)ᵀ E,   ∇b = Σ_i (S − Y)_i        (Eq. 3–4: the backward pass)
+    ∇E       = (S − Y) C,   ∇C = (S − Y)ᵀ E,   ∇b = Σ_i (S − Y)_i        (G)  the backward pass
+
+(L) and (G) are labels local to this package. The paper (§4) writes the same loss as the indexed matmul of the
+correct-token logit (its Algorithm 1) minus the linear-log-sum-exp (forward Algorithm 2, backward Algorithm 3).
 
 This module is the spec:
 
@@ -66,7 +69,7 @@ def reduce_loss(nll: Tensor, valid: Tensor, reduction: str, shift: bool) -> Tens
 
 def linear_cross_entropy_ref(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None = None,
                              ignore_index: int = -100, reduction: str = "mean", shift: bool = False) -> Tensor:
-    """Reference linear cross-entropy (Eq. 1), materialising all ``N×V`` logits.
+    """Reference linear cross-entropy (Eq. (L)), materialising all ``N×V`` logits.
 
     Logits are computed in the input dtype (``e @ cᵀ + b``, as a model's LM head would), then the log-sum-exp and
     the indexed logit in fp32 (fp64 inputs stay fp64). Inputs are not validated here; use
@@ -88,7 +91,7 @@ def linear_cross_entropy_ref(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token NLL ``ℓ_i`` (Eq. 1) over token chunks; backward recomputes each chunk's logits (Eq. 3–4)."""
+    """Per-token NLL ``ℓ_i`` (Eq. (L)) over token chunks; backward recomputes each chunk's logits (Eqs. (G))."""
 
     @staticmethod
     def forward(ctx, e2: Tensor, c: Tensor, bias: Tensor | None, t: Tensor, ignore_index: int,  # type: ignore[override]

@@ -1,6 +1,6 @@
 """Cut Cross-Entropy in Triton: linear cross-entropy without materialising the ``N×V`` logits.
 
-Math (Eqs. 1, 3–4 of :mod:`kernels.linear_cross_entropy.linear_cross_entropy_ref`)::
+Math (Eqs. (L), (G) of :mod:`kernels.linear_cross_entropy.linear_cross_entropy_ref`)::
 
     ℓ_i = logsumexp_v(e_i·c_v + b_v) − (e_i·c_{y_i} + b_{y_i})
     ∇E = (S − Y) C,   ∇C = (S − Y)ᵀ E,   ∇b = Σ_i (S − Y)_i,   S_iv = exp(z_iv − lse_i)
@@ -34,7 +34,7 @@ read ``E`` through a row-index array, so no shifted or compacted copy of ``E`` i
    largest entry of the gradient, is never dropped.
 
 ``∇C`` accumulates in fp32. For fp16/bf16 classifiers the vocabulary is processed in chunks of at most
-``scratch_bytes`` of fp32 scratch (default 256 MiB), each chunk cast into the ``c.dtype`` gradient when done, so the
+``scratch_bytes`` of fp32 scratch (default 64 MiB), each chunk cast into the ``c.dtype`` gradient when done, so the
 extra memory stays bounded (the official code instead accumulates in the output dtype under locks). Atomics make the
 gradients run-to-run nondeterministic in the last bits on a GPU.
 
@@ -43,7 +43,7 @@ fp32, since the interpreter's bf16 ``tl.dot`` is wrong).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -140,7 +140,7 @@ def _lse_backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, COMPUTE_DE: tl.constexpr, COMPUTE_DC: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, HAS_COUNTER: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Softmax part of Eqs. 3–4 for one ``[BLOCK_N, BLOCK_V]`` tile, target entries excluded (they are applied
+    """Softmax part of Eqs. (G) for one ``[BLOCK_N, BLOCK_V]`` tile, target entries excluded (they are applied
     exactly by ``_onehot_grad_kernel``); the tile is skipped when every remaining ``S < filter_eps``.
 
     Vocabulary positions ``[pos_start, pos_end)`` (in ``Order`` when sorting) are this launch's chunk; ``DC`` is the
@@ -180,7 +180,7 @@ def _lse_backward_kernel(
         else:
             ds_in = ds
         offs_d = tl.arange(0, BLOCK_D)
-        if COMPUTE_DE:  # ∇E[rows] += (S·g) C[vids]   (Eq. 3)
+        if COMPUTE_DE:  # ∇E[rows] += (S·g) C[vids]   (Eq. G, ∇E)
             c_ptrs = C + vids[:, None] * stride_cv + offs_d[None, :] * stride_cd
             de_ptrs = DE + rows[:, None] * stride_den + offs_d[None, :] * stride_ded
             for d0 in range(0, D, BLOCK_D):
@@ -190,7 +190,7 @@ def _lse_backward_kernel(
                 tl.atomic_add(de_ptrs, de, mask=n_mask[:, None] & d_mask[None, :])
                 c_ptrs += BLOCK_D * stride_cd
                 de_ptrs += BLOCK_D * stride_ded
-        if COMPUTE_DC:  # ∇C[vids] += (S·g)ᵀ E[rows]   (Eq. 4)
+        if COMPUTE_DC:  # ∇C[vids] += (S·g)ᵀ E[rows]   (Eq. G, ∇C)
             ds_t = tl.trans(ds_in)
             e_ptrs = E + rows[:, None] * stride_en + offs_d[None, :] * stride_ed
             dc_ptrs = DC + (pos - pos_start)[:, None] * stride_dcv + offs_d[None, :] * stride_dcd
@@ -211,7 +211,7 @@ def _onehot_grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DO_DE: tl.constexpr, DO_DC: tl.constexpr, DO_DBIAS: tl.constexpr,
 ):
-    """The target column of ``S − Y`` in Eqs. 3–4, exactly: with ``a_i = g_i (S_{i,y_i} − 1)`` (``Coef``),
+    """The target column of ``S − Y`` in Eqs. (G), exactly: with ``a_i = g_i (S_{i,y_i} − 1)`` (``Coef``),
     ``∇E_i += a_i c_{y_i}``, ``∇C_{y_i} += a_i e_i``, ``∇b_{y_i} += a_i``.
 
     ``DC`` is the fp32 scratch of vocabulary positions ``[pos_start, pos_end)``; ``TgtPos`` is the position of
@@ -259,9 +259,22 @@ class BlockConfig:
 #: Tiles for the CPU interpreter: small shapes, few programs (each program is interpreted op by op).
 INTERPRETER_FORWARD = BlockConfig(16, 32, 32)
 INTERPRETER_BACKWARD = BlockConfig(16, 32, 32)
-#: GPU defaults (H100-sized; untuned — see the bench for the measured numbers).
+#: GPU defaults, sized for H100/A100 but not tuned on a GPU yet: ``python -m kernels.linear_cross_entropy.aot_check``
+#: shows both compile (sm_90) to cp.async-pipelined wgmma loops without register spills (96 / 112 KiB shared).
 GPU_FORWARD = BlockConfig(128, 128, 64, num_warps=8, num_stages=3)
-GPU_BACKWARD = BlockConfig(128, 128, 64, num_warps=8, num_stages=2)
+GPU_BACKWARD = BlockConfig(128, 128, 64, num_warps=8, num_stages=3)
+#: fp32 inputs use IEEE fp32 dots (no tensor cores, no TF32): smaller tiles keep them out of register spills.
+GPU_FORWARD_FP32 = BlockConfig(64, 128, 32, num_warps=8, num_stages=2)
+GPU_BACKWARD_FP32 = BlockConfig(64, 64, 32, num_warps=8, num_stages=2)
+
+
+def default_config(kind: str, dtype: torch.dtype) -> BlockConfig:
+    """Tiles used when :class:`TritonOptions` gives none: ``kind`` is ``"forward"`` or ``"backward"``."""
+    if INTERPRETED:
+        return INTERPRETER_FORWARD if kind == "forward" else INTERPRETER_BACKWARD
+    if dtype == torch.float32:
+        return GPU_FORWARD_FP32 if kind == "forward" else GPU_BACKWARD_FP32
+    return GPU_FORWARD if kind == "forward" else GPU_BACKWARD
 
 
 @dataclass
@@ -273,7 +286,7 @@ class TritonOptions:
     num_splits: int | None = None
     forward_config: BlockConfig | None = None
     backward_config: BlockConfig | None = None
-    scratch_bytes: int = 1 << 28
+    scratch_bytes: int = 1 << 26
     #: if a dict, backward stores ``tiles_total`` / ``tiles_computed`` (tiles that survived filtering) in it.
     stats: dict | None = field(default=None)
 
@@ -295,7 +308,7 @@ def _forward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tens
              sum_logits: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-token ``lse`` and ``nll`` (fp32, ``[M]``) and, if ``sum_logits``, the per-vocabulary logit sums."""
     m, v, d = rows.numel(), c.shape[0], c.shape[1]
-    cfg = opts.forward_config or (INTERPRETER_FORWARD if INTERPRETED else GPU_FORWARD)
+    cfg = opts.forward_config or default_config("forward", e2.dtype)
     logit_sum = torch.zeros(v, dtype=torch.float32, device=c.device) if sum_logits else None
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=e2.device)
@@ -317,8 +330,10 @@ def _forward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tens
     )
     mx, sm, tg = parts[0], parts[1], parts[2]
     m_all = mx.max(dim=0).values
-    lse = m_all + torch.log((sm * torch.exp(mx - m_all)).sum(dim=0))  # merge the splits' (max, sum)
-    return lse, lse - tg.sum(dim=0), logit_sum
+    log_l = torch.log((sm * torch.exp(mx - m_all)).sum(dim=0))  # merge the splits' (max, sum-of-exp)
+    # ℓ = (max − z_y) + log Σ exp(z − max): the first difference is exact when z_y is the max, so a confident
+    # prediction's small loss keeps fp32 relative precision instead of ulp(lse) (as log_softmax does).
+    return m_all + log_l, (m_all - tg.sum(dim=0)) + log_l, logit_sum
 
 
 def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tensor, lse: Tensor, nll: Tensor,
@@ -326,7 +341,7 @@ def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Ten
               need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(∇E [N_all, D], ∇C [V, D], ∇b [V])`` in the input dtypes (``None`` where not needed)."""
     m, (v, d) = rows.numel(), c.shape
-    cfg = opts.backward_config or (INTERPRETER_BACKWARD if INTERPRETED else GPU_BACKWARD)
+    cfg = opts.backward_config or default_config("backward", e2.dtype)
     mode = _mode(e2.dtype)
     f32 = torch.float32
     de = None
@@ -400,14 +415,13 @@ def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Ten
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-valid-token NLL ``ℓ`` (``[M]``, fp32) from ``E`` (read at ``rows``), ``C``, ``b``; backward Eqs. 3–4."""
+    """Per-valid-token NLL ``ℓ`` (``[M]``, fp32) from ``E`` (read at ``rows``), ``C``, ``b``; backward Eqs. (G)."""
 
     @staticmethod
     def forward(ctx, e: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tensor,  # type: ignore[override]
                 opts: TritonOptions) -> Tensor:
         e2 = e.reshape(-1, e.shape[-1])
-        need_grad = any(t is not None and t.requires_grad for t in (e, c, bias))
-        sort = opts.vocab_sort and need_grad
+        sort = opts.vocab_sort and any(ctx.needs_input_grad[:3])
         lse, nll, logit_sum = _forward(e2, c, bias, rows, tgt, opts, sum_logits=sort)
         order = None
         if sort:
@@ -431,15 +445,15 @@ def linear_cross_entropy_triton(e: Tensor, c: Tensor, targets: Tensor, bias: Ten
                                 ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
                                 filter_eps: float | None = None, vocab_sort: bool = False,
                                 options: TritonOptions | None = None) -> Tensor:
-    """Cut Cross-Entropy (Eq. 1 forward, Eqs. 3–4 backward) with the Triton kernels of this module.
+    """Cut Cross-Entropy (Eq. (L) forward, Eqs. (G) backward) with the Triton kernels of this module.
 
     Inputs are not validated here (use :func:`kernels.linear_cross_entropy.linear_cross_entropy`); ``filter_eps``
     is already resolved (``None`` = exact, no filtering). ``options`` carries tiling overrides and ``stats``.
     """
     from kernels.linear_cross_entropy.linear_cross_entropy_ref import aligned_targets
 
-    opts = options or TritonOptions()
-    opts.filter_eps, opts.vocab_sort = filter_eps, vocab_sort
+    # sorting only pays off in a backward pass; under no_grad the per-vocabulary logit sums are skipped
+    opts = replace(options or TritonOptions(), filter_eps=filter_eps, vocab_sort=vocab_sort and torch.is_grad_enabled())
     t = aligned_targets(targets, ignore_index, shift)
     flat_t = t.reshape(-1)
     valid = flat_t != ignore_index

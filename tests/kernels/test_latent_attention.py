@@ -6,35 +6,21 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before kernels.* is imported: @triton.jit reads it at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels.latent_attention import (  # noqa: E402
+from kernels.latent_attention import (
     joint_rebuild_attention,
     latent_decode_attention,
     latent_decode_attention_ref,
     naive_rebuild_attention,
     rope_cos_sin,
 )
-from kernels.quant import quantize_int4  # noqa: E402
+from kernels.quant import quantize_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _triton_runnable() -> bool:
-    if DEVICE == "cuda":
-        return True
-    from kernels.quant.quant_triton import INTERPRETED
-
-    return INTERPRETED
-
-
-requires_triton = pytest.mark.skipif(not _triton_runnable(),
-                                     reason="Triton needs a GPU or TRITON_INTERPRET=1 set before kernels import")
+requires_triton = pytest.mark.requires_triton  # tests/kernels/conftest.py
 
 
 def make_inputs(b=2, hkv=2, groups=2, t=40, d=16, rk=8, rv=8, w=0, dtype=torch.float32, int4=False,

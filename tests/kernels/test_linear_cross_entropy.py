@@ -4,16 +4,11 @@ CPU run of the benchmark CLI."""
 from __future__ import annotations
 
 import json
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before kernels.* is imported: @triton.jit reads it at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels.linear_cross_entropy import (  # noqa: E402
+from kernels.linear_cross_entropy import (
     causal_lm_loss,
     default_filter_eps,
     linear_cross_entropy,
@@ -23,17 +18,7 @@ from kernels.linear_cross_entropy import (  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V_DEFAULT = 101  # not a multiple of any block size
 
-
-def _triton_runnable() -> bool:
-    if DEVICE == "cuda":
-        return True
-    from kernels.linear_cross_entropy.linear_cross_entropy_triton import INTERPRETED
-
-    return INTERPRETED
-
-
-requires_triton = pytest.mark.skipif(not _triton_runnable(),
-                                     reason="Triton needs a GPU or TRITON_INTERPRET=1 set before kernels import")
+requires_triton = pytest.mark.requires_triton  # tests/kernels/conftest.py
 
 
 def make_inputs(lead=(2, 19), d=40, v=V_DEFAULT, bias=False, n_ignored=3, logit_scale=1.0, seed=0):
@@ -100,12 +85,10 @@ CASES = [  # (lead, d, v, bias, shift, reduction, n_ignored)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch_chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=requires_triton), "torch_chunked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_loss_and_grads_match_fp64_reference_within_flash_rule(impl, dtype, case):
-    if impl == "triton" and not _triton_runnable():
-        pytest.skip("Triton not runnable")
     lead, d, v, bias, shift, reduction, n_ign = CASES[case]
     e, c, b, t = make_inputs(lead, d, v, bias, n_ign, seed=case)
     kw = {"filter_eps": None} if impl == "triton" else {"chunk_size": 7}
@@ -252,10 +235,8 @@ def test_only_requested_gradients_are_computed_and_strided_inputs_work(which):
     torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "torch_chunked"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=requires_triton), "torch", "torch_chunked"])
 def test_every_position_ignored_gives_nan_mean_and_zero_sum(impl):
-    if impl == "triton" and not _triton_runnable():
-        pytest.skip("Triton not runnable")
     e, c, _, t = make_inputs((2, 5), 16, 40, n_ignored=10)
     e, c = e.float().to(DEVICE).requires_grad_(), c.float().to(DEVICE)
     assert torch.isnan(linear_cross_entropy(e, c, t.to(DEVICE), impl=impl))
@@ -282,7 +263,7 @@ def test_default_filter_eps_follows_the_paper():
 
 # ------------------------------------------------------------------------------------------------ causal-LM drop-in
 @pytest.mark.parametrize("tied", [True, False])
-def test_causal_lm_loss_equals_the_models_own_loss(tied):
+def test_causal_lm_loss_equals_the_models_own_loss(tied, triton_runnable):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -297,7 +278,7 @@ def test_causal_lm_loss_equals_the_models_own_loss(tied):
     want = model(input_ids=ids, labels=labels).loss
     want.backward()
     want_grad = model.get_output_embeddings().weight.grad.clone()
-    impls = ["torch", "torch_chunked"] + (["triton"] if _triton_runnable() else [])
+    impls = ["torch", "torch_chunked"] + (["triton"] if triton_runnable else [])
     for impl in impls:
         model.zero_grad()
         got = causal_lm_loss(model, ids, labels, impl=impl, filter_eps=None)

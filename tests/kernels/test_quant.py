@@ -1,37 +1,22 @@
 """4-bit asymmetric min-max quantizer (CSKV/KIVI): reference properties and Triton == torch parity."""
 from __future__ import annotations
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before kernels.* is imported: @triton.jit reads it at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels.quant import (  # noqa: E402
+from kernels.quant import (
     Int4Tensor,
     cat_int4_tokens,
     dequantize_int4,
     fake_quant_int4,
     quantize_int4,
 )
-from kernels.quant.quant_ref import pack_codes, unpack_codes  # noqa: E402
+from kernels.quant.quant_ref import pack_codes, unpack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _triton_runnable() -> bool:
-    if DEVICE == "cuda":
-        return True
-    from kernels.quant.quant_triton import INTERPRETED
-
-    return INTERPRETED
-
-
-requires_triton = pytest.mark.skipif(not _triton_runnable(),
-                                     reason="Triton needs a GPU or TRITON_INTERPRET=1 set before kernels import")
+requires_triton = pytest.mark.requires_triton  # tests/kernels/conftest.py
 
 # (shape, group_size, axis): keys grouped over tokens (per channel), values over channels (per token / whole row).
 LAYOUTS = [((2, 3, 40, 12), 8, -2), ((2, 3, 40, 12), 12, -1), ((2, 64, 26), 32, -2), ((5, 12), 4, -1)]
