@@ -40,7 +40,10 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         raise ValueError("columns must not be empty")
     head = "| " + " | ".join(h for _, h in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    # A reference row (e.g. the full cache) may lack the first column's key: show its label there instead.
+    first = columns[0][0]
+    body = ["| " + " | ".join(fmt(r.get(k) if not (k == first and r.get(k) is None) else r.get("label"))
+                              for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
