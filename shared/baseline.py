@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from shared.cache.base import full_cache, record_prefill
 from shared.io import write_json, write_text_atomic
@@ -20,7 +21,7 @@ from shared.tasks import corpus_text, passkey, perplexity, score_passkey
 
 def passkey_accuracy(model, tok, length: int, n: int, seed: int) -> dict:
     hits, t0 = 0, time.perf_counter()
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"passkey@{length}", leave=False):
         case = passkey(tok, length, seed * 100_003 + i)
         ids = torch.tensor([case.prefix_ids + case.query_ids])
         rec = record_prefill(model, ids)
