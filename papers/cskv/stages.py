@@ -149,7 +149,8 @@ class MethodFactory:
     def __init__(self, p: dict, model, spec):
         self.p, self.model, self.spec = p, model, spec
         self._factors: dict[str, list] = {}
-        self._scores: dict[int, list] = {}
+        self._scored_record = None
+        self._scores: list = []
 
     def factors(self, kind, init, density, per_head=False, trained=True, qat=False):
         name = factor_name(kind, init, density, per_head, trained, qat)
@@ -168,10 +169,11 @@ class MethodFactory:
 
     def h2o(self, ratio):
         def build(rec):
-            key = id(rec)
-            if key not in self._scores:  # one score pass per prefill, shared by both ratios
-                self._scores = {key: h2o_scores(self.model, rec, self.p["eval"]["h2o_max_queries"])}
-            return h2o_cache(rec, ratio, self._scores[key])
+            # one score pass per prefill, shared by both ratios; keep the record itself (not its id(), which
+            # CPython may reuse for the next record once this one is freed)
+            if self._scored_record is not rec:
+                self._scored_record, self._scores = rec, h2o_scores(self.model, rec, self.p["eval"]["h2o_max_queries"])
+            return h2o_cache(rec, ratio, self._scores)
         return build
 
     def table1_method(self, name, ratio):
