@@ -123,8 +123,9 @@ def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBu
             cache = build(record)
             stored = cache.stored_bytes()
             logits = decode_through(model, cache, forced, start_pos=T)
-            # logits_all[:, j] predicts forced[:, j]; the first one comes from the exact prefill.
-            logits_all = torch.cat([record.last_logits[:, None], logits[:, :-1]], dim=1)
+            # logits_all[:, j] predicts forced[:, j]; the first comes from the prefill (the method's own if it has one).
+            first = cache.prefill_logits if cache.prefill_logits is not None else record.last_logits
+            logits_all = torch.cat([first[:, None], logits[:, :-1]], dim=1)
             logp = torch.log_softmax(logits_all, -1)
             if name == "full":
                 full_logp, full_bytes = logp, stored

@@ -23,18 +23,8 @@ from tqdm.auto import tqdm
 
 from kernels.quant import fake_quant_int4
 from shared.cache.base import attention_modules, record_prefill
-from shared.cache.decompose import Factors, factorize, rank_for_density
+from shared.cache.decompose import KINDS, Factors, factorize, projection_weights, rank_for_density  # noqa: F401
 from shared.cache.lowrank import QUANT_GROUP
-
-KINDS = ("k", "v")
-
-
-def projection_weights(model, kind: str) -> torch.Tensor:
-    """W for every layer in math convention ``y = x·W``: [L, d_model, n_kv·head_dim]."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return torch.stack([getattr(a, f"{kind}_proj").weight.detach().T.float() for a in attention_modules(model)])
-
 
 @torch.no_grad()
 def collect_inputs(model, token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

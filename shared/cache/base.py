@@ -72,6 +72,7 @@ class PrefillRecord:
     layers: list[LayerRecord]
     last_logits: torch.Tensor  # [B, V] logits at the last context position
     n_tokens: int
+    input_ids: torch.Tensor | None = None  # [B, T] the prefilled ids (methods that re-run the prefill need them)
 
     @property
     def batch_size(self) -> int:
@@ -94,7 +95,8 @@ def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     layers = [LayerRecord(l.keys, l.values, l.hidden, l.cos.expand(l.hidden.shape[0], -1, -1),
                           l.sin.expand(l.hidden.shape[0], -1, -1)) for l in cache.layers]
-    return PrefillRecord(layers=layers, last_logits=out.logits[:, -1].float(), n_tokens=input_ids.shape[1])
+    return PrefillRecord(layers=layers, last_logits=out.logits[:, -1].float(), n_tokens=input_ids.shape[1],
+                         input_ids=input_ids)
 
 
 class CompressedLayer(DynamicLayer):
@@ -124,6 +126,9 @@ class CompressedCache(Cache):
     def __init__(self, layers: list[CompressedLayer], method: str):
         super().__init__(layers=layers)
         self.method = method
+        # Methods whose prefill itself differs from the exact one (e.g. attention in a latent space) put their own
+        # last-position logits here; evaluators use them instead of the exact prefill's.
+        self.prefill_logits: torch.Tensor | None = None
 
     def stored_bytes(self) -> int:
         """Bytes of real storage held by all layers (what a deployment would keep in memory)."""

@@ -16,11 +16,44 @@ Initialisations:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 INITS = ("random", "svd", "asvd", "whitened")
+KINDS = ("k", "v")
+
+
+def projection_weights(model, kind: str) -> torch.Tensor:
+    """W of every layer's ``{kind}_proj`` in math convention ``y = x·W``: [L, d_model, n_kv·head_dim] (fp32)."""
+    from shared.cache.base import attention_modules
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return torch.stack([getattr(a, f"{kind}_proj").weight.detach().T.float() for a in attention_modules(model)])
+
+
+@contextmanager
+def dense_factors(model, factors: list[tuple["Factors", "Factors"]]) -> Iterator[None]:
+    """Always-compressed low-rank K/V: inside the block every layer's k_proj/v_proj weight is its rank-r
+    approximation ``(A·B)ᵀ`` (so prefill and decode both see reconstructed K/V; the exact-window mode is the
+    cache in shared.cache.lowrank). Restores the original weights on exit. ``factors[l] = (K, V)``."""
+    from shared.cache.base import attention_modules
+
+    mods = attention_modules(model)
+    if len(factors) != len(mods):
+        raise ValueError(f"got factors for {len(factors)} layers, the model has {len(mods)}")
+    saved = [(a.k_proj.weight.data, a.v_proj.weight.data) for a in mods]
+    try:
+        for a, (fk, fv) in zip(mods, factors):
+            a.k_proj.weight.data = fk.dense().T.to(a.k_proj.weight.dtype).contiguous()
+            a.v_proj.weight.data = fv.dense().T.to(a.v_proj.weight.dtype).contiguous()
+        yield
+    finally:
+        for a, (wk, wv) in zip(mods, saved):
+            a.k_proj.weight.data, a.v_proj.weight.data = wk, wv
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Evaluation tasks: seeded generators returning :class:`PromptCase` plus their scorers."""
 from shared.tasks.base import ChatFrame, PromptCase, build_case, first_integer, last_integer
+from shared.tasks.choice import ChoiceItem, next_line_choice, score_choice
 from shared.tasks.longbench import LONGBENCH_E_TASKS, LongBenchUnavailable, load_longbench_e
 from shared.tasks.longeval import lines_for_tokens, longeval_lines, score_longeval
 from shared.tasks.needle import needle, score_needle
@@ -12,4 +13,4 @@ SCORERS = {"passkey": score_passkey, "needle": score_needle, "longeval_lines": s
 __all__ = ["ChatFrame", "PromptCase", "build_case", "first_integer", "last_integer", "LONGBENCH_E_TASKS",
            "LongBenchUnavailable", "load_longbench_e", "lines_for_tokens", "longeval_lines", "score_longeval",
            "needle", "score_needle", "passkey", "score_passkey", "corpus_text", "perplexity", "GENERATORS",
-           "SCORERS"]
+           "SCORERS", "ChoiceItem", "next_line_choice", "score_choice"]

@@ -1,0 +1,486 @@
+"""Orthogonal per-KV-head projections of post-RoPE keys and values, with attention computed in the latent space
+(MatryoshkaKV, arXiv 2410.14731 §3; any method that rotates K/V per head and keeps the leading channels).
+
+Per layer l and KV head h: orthogonal U_K, U_V ∈ R^{d×d} and means μ_K, μ_V ∈ R^d (d = head_dim). With ranks r_K, r_V
+and U_r = U[:, :r]:
+
+    K' = (K − μ_K)·U_K,r        Q' = Q·U_K,r              (keys after RoPE; U_K cannot fold into W_K through RoPE)
+    logits = (Q'·K'ᵀ + Q·μ_Kᵀ)/√d                         (Q·μ_K is constant along a softmax row → dropped, exact)
+    V' = (V − μ_V)·U_V,r        out = softmax(logits)·V'·U_V,rᵀ + μ_V     (rows of softmax sum to 1)
+
+The cache stores K', V' (r_K + r_V channels per KV head and token); at r = d the layer is exactly the original
+attention. A query head uses the U_K/U_V of its KV head (GQA-correct: one projection per *KV* head).
+
+Orthogonality by the Cayley map of an unconstrained X (trainable): A = X − Xᵀ, U = (I − A/2)⁻¹(I + A/2). Cayley only
+reaches det +1, so PCA bases get their first column's sign flipped when det < 0.
+
+Two ways to run a model with projections (the registered attention function ``"reprise_matryoshka"`` serves both):
+
+* :func:`project_kv` — a context in which every attention call projects its own K/V/Q (training, perplexity, the
+  rank search): no cache needed; ranks can change between calls (``handle.ranks = ...``).
+* :func:`matryoshka_cache` — a :class:`~shared.cache.base.CompressedCache` builder whose layers project new tokens
+  on ``update`` and store per-head latents of width r_h (zero-padded on read); prefill runs through the projection.
+
+Ranks are an int tensor [L, H, 2] (last axis: K, V) on the grid {step, 2·step, …, d}; the KV budget is
+Σ(r_K + r_V)/(2·L·H·d), i.e. the fraction of cached channels (= bytes at equal dtype).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from shared.cache.base import CompressedCache, CompressedLayer, PrefillRecord, attach, attention_modules
+
+NAME = "reprise_matryoshka"
+KV = ("k", "v")
+
+
+# ---- the Cayley map and PCA bases --------------------------------------------------------------------------
+def cayley(X: torch.Tensor) -> torch.Tensor:
+    """U = (I − A/2)⁻¹(I + A/2) with A = X − Xᵀ (batched over leading dims); orthogonal with det +1. fp32 or wider."""
+    if X.shape[-1] != X.shape[-2]:
+        raise ValueError(f"X must be square in its last two dims, got {tuple(X.shape)}")
+    X = X.float() if X.dtype not in (torch.float32, torch.float64) else X
+    A = X - X.mT
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return torch.linalg.solve(eye - A / 2, eye + A / 2)
+
+
+def inverse_cayley(U: torch.Tensor, max_cond: float = 1e6) -> torch.Tensor:
+    """An X with ``cayley(X) = U`` for orthogonal U with det +1: A = 2(U − I)(U + I)⁻¹, X = A/2.
+
+    Warns when cond(I + U) > ``max_cond`` (U has an eigenvalue near −1, which the Cayley map reaches only at
+    infinity; the init is then inaccurate)."""
+    U64 = U.double()
+    eye = torch.eye(U.shape[-1], dtype=torch.float64, device=U.device)
+    # cond(I + U) ≤ 2/σ_min(I + U) (‖I + U‖ ≤ 2); σ_min → 0 means an eigenvalue of U near −1 and a huge X.
+    sigma_min = torch.linalg.svdvals(eye + U64)[..., -1]
+    cond = 2.0 / sigma_min.clamp_min(1e-300)
+    if bool((~(cond <= max_cond)).any()):
+        warnings.warn(f"cond(I + U) up to {float(cond.max()):.3g} > {max_cond:g}: U is close to an eigenvalue −1 "
+                      "and its inverse Cayley is ill-conditioned", RuntimeWarning, stacklevel=2)
+    # (U − I) and (U + I)⁻¹ commute, so A = (U + I)⁻¹·2(U − I).
+    A = torch.linalg.solve(eye + U64, 2 * (U64 - eye))
+    A = (A - A.mT) / 2  # remove round-off asymmetry; exact A is skew
+    return (A / 2).to(U.dtype)
+
+
+def pca_basis(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of ``cov`` [..., d, d] as columns, sorted by descending eigenvalue, each column's sign chosen so
+    its diagonal entry is ≥ 0 (keeps U away from eigenvalue −1, so the inverse Cayley is well conditioned), and the
+    first column flipped when det < 0 (the Cayley map cannot reach det −1)."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    U = evecs.flip(-1)                                             # descending eigenvalues
+    sign = torch.where(torch.diagonal(U, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(U.dtype)
+    U = U * sign[..., None, :]
+    det = torch.linalg.det(U)
+    fix = torch.ones_like(U[..., 0, :])
+    fix[..., 0] = torch.where(det < 0, -1.0, 1.0)
+    return (U * fix[..., None, :]).to(cov.dtype)
+
+
+# ---- ranks and budgets -------------------------------------------------------------------------------------
+def default_step(head_dim: int) -> int:
+    """The paper's rank grid {d/8, 2d/8, …, d}."""
+    if head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 for the d/8 rank grid, got {head_dim}")
+    return head_dim // 8
+
+
+def check_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def check_ranks(ranks: torch.Tensor, head_dim: int, step: int | None = None) -> torch.Tensor:
+    """Validate an int rank tensor [L, H, 2]: every entry in [step, d] and a multiple of ``step``."""
+    step = default_step(head_dim) if step is None else step
+    ranks = torch.as_tensor(ranks)
+    if ranks.dim() != 3 or ranks.shape[-1] != 2:
+        raise ValueError(f"ranks must have shape [layers, kv_heads, 2], got {tuple(ranks.shape)}")
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise ValueError(f"ranks must be integers, got dtype {ranks.dtype}")
+    bad = (ranks < step) | (ranks > head_dim) | (ranks % step != 0)
+    if bool(bad.any()):
+        v = int(ranks[bad][0])
+        raise ValueError(f"rank {v} is invalid: ranks must be multiples of {step} in [{step}, {head_dim}]")
+    return ranks.long()
+
+
+def uniform_ranks(n_layers: int, n_kv_heads: int, head_dim: int, budget: float, step: int | None = None
+                  ) -> torch.Tensor:
+    """Every (layer, head, K/V) at r = budget·d, which must lie on the rank grid."""
+    step = default_step(head_dim) if step is None else step
+    r = check_budget(budget) * head_dim
+    if abs(r - round(r)) > 1e-9 or round(r) % step:
+        raise ValueError(f"budget {budget} gives r = {r:g}, not a multiple of {step} (head_dim {head_dim})")
+    return torch.full((n_layers, n_kv_heads, 2), int(round(r)), dtype=torch.long)
+
+
+def budget_of(ranks: torch.Tensor, head_dim: int) -> float:
+    """Fraction of KV channels kept: Σ(r_K + r_V) / (2·L·H·d)."""
+    return float(torch.as_tensor(ranks).sum()) / (torch.as_tensor(ranks).numel() * head_dim)
+
+
+def sample_ranks(n_layers: int, n_kv_heads: int, head_dim: int, generator: torch.Generator,
+                 step: int | None = None) -> torch.Tensor:
+    """Matryoshka training's sampler: every (layer, head, K/V) independently uniform on {step, 2·step, …, d}."""
+    step = default_step(head_dim) if step is None else step
+    return torch.randint(1, head_dim // step + 1, (n_layers, n_kv_heads, 2), generator=generator) * step
+
+
+# ---- the projection parameters -----------------------------------------------------------------------------
+@dataclass
+class LayerBases:
+    """U_K, U_V [H, d, d] and μ_K, μ_V [H, d] of one layer."""
+
+    u_k: torch.Tensor
+    u_v: torch.Tensor
+    mu_k: torch.Tensor
+    mu_v: torch.Tensor
+
+
+class KVProjection(nn.Module):
+    """Trainable per-(layer, KV head) orthogonal projections: X_K, X_V [L, H, d, d] (U = Cayley(X)) and μ_K, μ_V
+    [L, H, d]. All parameters are fp32. Use :meth:`from_statistics` for the PCA init."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        shape = (n_layers, n_kv_heads, head_dim, head_dim)
+        self.x_k = nn.Parameter(torch.zeros(shape))
+        self.x_v = nn.Parameter(torch.zeros(shape))
+        self.mu_k = nn.Parameter(torch.zeros(shape[:3]))
+        self.mu_v = nn.Parameter(torch.zeros(shape[:3]))
+        self._frozen: list[LayerBases] | None = None
+
+    @classmethod
+    def from_statistics(cls, stats: dict[str, torch.Tensor]) -> "KVProjection":
+        """PCA init from :func:`kv_statistics`: U = sorted eigenbasis of the covariance (det fixed), μ = mean."""
+        L, H, d = stats["mean_k"].shape
+        proj = cls(L, H, d)
+        with torch.no_grad():
+            for kind in KV:
+                U = pca_basis(stats[f"cov_{kind}"].double())
+                getattr(proj, f"x_{kind}").copy_(inverse_cayley(U).float())
+                getattr(proj, f"mu_{kind}").copy_(stats[f"mean_{kind}"].float())
+        return proj
+
+    def layer(self, idx: int) -> LayerBases:
+        if self._frozen is not None:
+            return self._frozen[idx]
+        return LayerBases(cayley(self.x_k[idx]), cayley(self.x_v[idx]), self.mu_k[idx], self.mu_v[idx])
+
+    @contextmanager
+    def frozen(self) -> Iterator["KVProjection"]:
+        """Evaluate the Cayley maps once (no grad) and reuse them inside the block (evaluation speed)."""
+        with torch.no_grad():
+            self._frozen = [LayerBases(cayley(self.x_k[i]), cayley(self.x_v[i]), self.mu_k[i].detach(),
+                                       self.mu_v[i].detach()) for i in range(self.n_layers)]
+        try:
+            yield self
+        finally:
+            self._frozen = None
+
+    def check_model(self, model) -> None:
+        spec = model.config
+        n_layers = len(attention_modules(model))
+        hd = getattr(spec, "head_dim", None) or spec.hidden_size // spec.num_attention_heads
+        if (n_layers, spec.num_key_value_heads, hd) != (self.n_layers, self.n_kv_heads, self.head_dim):
+            raise ValueError(f"projection is for (layers, kv_heads, head_dim) = "
+                             f"{(self.n_layers, self.n_kv_heads, self.head_dim)}, the model has "
+                             f"{(n_layers, spec.num_key_value_heads, hd)}")
+
+
+# ---- the latent attention ----------------------------------------------------------------------------------
+def _truncate(U: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """U [H, d, d] → [H, d, r_max] with columns ≥ r_h zeroed (per-head widths, zero-padded — exact)."""
+    r_max = int(ranks.max())
+    cols = torch.arange(r_max, device=U.device)
+    return U[..., :r_max] * (cols[None, :] < ranks.to(U.device)[:, None]).to(U.dtype)[:, None, :]
+
+
+def project(x: torch.Tensor, U_r: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """(x − μ)·U_r per head in fp32: x [B, H, T, d], U_r [H, d, r], μ [H, d] → [B, H, T, r] (input dtype)."""
+    xf = x.float() if mu is None else x.float() - mu.float()[None, :, None, :]
+    return torch.einsum("bhtd,hdr->bhtr", xf, U_r.float()).to(x.dtype)
+
+
+def latent_attention(module, query: torch.Tensor, k_lat: torch.Tensor, v_lat: torch.Tensor, Uk_r: torch.Tensor,
+                     Uv_r: torch.Tensor, mu_k: torch.Tensor, mu_v: torch.Tensor, attention_mask, scaling,
+                     keep_query_mean: bool = False, **kwargs) -> torch.Tensor:
+    """softmax((Q·U_K,r)·K'ᵀ [+ Q·μ_K]) · V' · U_V,rᵀ + μ_V. query [B, Hq, T, d]; k_lat/v_lat [B, H, S, r_K|r_V].
+
+    Returns HF's attention-output layout [B, T, Hq, d]."""
+    n_rep = query.shape[1] // k_lat.shape[1]
+    Uk_q = Uk_r.repeat_interleave(n_rep, 0)                                   # [Hq, d, rK]
+    q_lat = project(query, Uk_q, None)                                        # Q' = Q·U_K,r
+    if keep_query_mean:  # fidelity path (eager): the row constant Q·μ_K, proven irrelevant by the tests
+        out_lat = _eager_with_query_mean(query, q_lat, k_lat, v_lat, mu_k.repeat_interleave(n_rep, 0),
+                                         attention_mask, scaling)
+    else:
+        out_lat, _ = sdpa_attention_forward(module, q_lat, k_lat, v_lat, attention_mask, scaling=scaling, **kwargs)
+    Uv_q, mu_v_q = Uv_r.repeat_interleave(n_rep, 0), mu_v.repeat_interleave(n_rep, 0)
+    out = torch.einsum("bthr,hdr->bthd", out_lat.float(), Uv_q.float()) + mu_v_q.float()
+    return out.to(query.dtype)
+
+
+def _eager_with_query_mean(query, q_lat, k_lat, v_lat, mu_k_q, attention_mask, scaling):
+    n_rep = q_lat.shape[1] // k_lat.shape[1]
+    k = k_lat.repeat_interleave(n_rep, 1).float()
+    v = v_lat.repeat_interleave(n_rep, 1).float()
+    logits = q_lat.float() @ k.mT + (query.float() * mu_k_q.float()[None, :, None, :]).sum(-1, keepdim=True)
+    logits = logits * scaling
+    T, S = logits.shape[-2:]
+    if attention_mask is None:
+        causal = torch.ones(T, S, dtype=torch.bool, device=logits.device).tril(S - T)
+        logits = logits.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask, float("-inf"))
+    else:
+        logits = logits + attention_mask
+    return (logits.softmax(-1) @ v).transpose(1, 2)                           # [B, T, Hq, rV]
+
+
+class _Projected:
+    """Per-attention-module state inside :func:`project_kv`."""
+
+    def __init__(self, handle: "ProjectionHandle", layer_idx: int):
+        self.handle, self.layer_idx = handle, layer_idx
+
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        h = self.handle
+        b = h.projection.layer(self.layer_idx)
+        ranks = h.ranks[self.layer_idx]
+        Uk_r, Uv_r = _truncate(b.u_k, ranks[:, 0]), _truncate(b.u_v, ranks[:, 1])
+        k_lat, v_lat = project(key, Uk_r, b.mu_k), project(value, Uv_r, b.mu_v)
+        return latent_attention(module, query, k_lat, v_lat, Uk_r, Uv_r, b.mu_k, b.mu_v, attention_mask, scaling,
+                                keep_query_mean=h.keep_query_mean, **kwargs)
+
+
+class ProjectionHandle:
+    """Returned by :func:`project_kv`; set ``.ranks`` (validated) to change ranks between forward calls."""
+
+    def __init__(self, projection: KVProjection, ranks: torch.Tensor, keep_query_mean: bool, step: int | None):
+        self.projection, self.keep_query_mean, self.step = projection, keep_query_mean, step
+        self.ranks = ranks
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        return self._ranks
+
+    @ranks.setter
+    def ranks(self, value) -> None:
+        r = check_ranks(value, self.projection.head_dim, self.step)
+        if tuple(r.shape[:2]) != (self.projection.n_layers, self.projection.n_kv_heads):
+            raise ValueError(f"ranks shape {tuple(r.shape)} does not match the projection's "
+                             f"[{self.projection.n_layers}, {self.projection.n_kv_heads}, 2]")
+        self._ranks = r
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = getattr(module, "_reprise_cache_layer", None)
+    if isinstance(layer, MatryoshkaLayer) and layer.pending is not None and key is layer.pending[0]:
+        layer.pending = None   # key/value are the latents this layer's update() just returned
+        return layer.attend(module, query, key, value, attention_mask, scaling, **kwargs), None
+    state = getattr(module, "_reprise_mkv", None)
+    if state is not None:
+        return state.attend(module, query, key, value, attention_mask, scaling, **kwargs), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+AttentionInterface.register(NAME, _attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+@contextmanager
+def latent_attention_impl(model) -> Iterator[None]:
+    """Switch the model to the ``reprise_matryoshka`` attention function (plain SDPA for unprojected calls)."""
+    previous = model.config._attn_implementation
+    if previous != NAME:
+        model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        if previous != NAME:
+            model.set_attn_implementation(previous)
+
+
+@contextmanager
+def project_kv(model, projection: KVProjection, ranks: torch.Tensor | None = None, keep_query_mean: bool = False,
+               step: int | None = None) -> Iterator[ProjectionHandle]:
+    """Inside the block every attention call of ``model`` projects its K/V/Q with ``projection`` at ``ranks``
+    ([L, H, 2]; default: full rank d). Gradients flow into ``projection`` when it is trainable."""
+    projection.check_model(model)
+    if ranks is None:
+        ranks = torch.full((projection.n_layers, projection.n_kv_heads, 2), projection.head_dim)
+    handle = ProjectionHandle(projection, ranks, keep_query_mean, step)
+    mods = attention_modules(model)
+    with latent_attention_impl(model):
+        for i, attn in enumerate(mods):
+            attn._reprise_mkv = _Projected(handle, i)
+        try:
+            yield handle
+        finally:
+            for attn in mods:
+                attn._reprise_mkv = None
+
+
+# ---- the latent KV cache -----------------------------------------------------------------------------------
+class MatryoshkaLayer(CompressedLayer):
+    """Stores per-head latents K'_h [B, T, r_K,h] and V'_h [B, T, r_V,h]; ``update`` projects new post-RoPE K/V and
+    returns all latents zero-padded to the layer's widest head (what :func:`latent_attention` reads)."""
+
+    def __init__(self, bases: LayerBases, ranks: torch.Tensor):
+        super().__init__()
+        self.bases = bases
+        self.ranks = ranks.long().cpu()                                       # [H, 2]
+        self.Uk_r, self.Uv_r = _truncate(bases.u_k, self.ranks[:, 0]), _truncate(bases.u_v, self.ranks[:, 1])
+        self.k_heads: list[torch.Tensor] = []
+        self.v_heads: list[torch.Tensor] = []
+        self.keys = self.values = None
+        self.pending = None
+        self._len = 0
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        return self.k_heads + self.v_heads
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    @staticmethod
+    def _pad(heads: list[torch.Tensor], width: int) -> torch.Tensor:
+        return torch.stack([nn.functional.pad(h, (0, width - h.shape[-1])) for h in heads], dim=1)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        k_lat = project(key_states, self.Uk_r, self.bases.mu_k)
+        v_lat = project(value_states, self.Uv_r, self.bases.mu_v)
+        new_k = [k_lat[:, h, :, :int(r)] for h, r in enumerate(self.ranks[:, 0])]
+        new_v = [v_lat[:, h, :, :int(r)] for h, r in enumerate(self.ranks[:, 1])]
+        if self._len:
+            new_k = [torch.cat([a, b], dim=-2) for a, b in zip(self.k_heads, new_k)]
+            new_v = [torch.cat([a, b], dim=-2) for a, b in zip(self.v_heads, new_v)]
+        else:  # own the storage: a slice of the projected tensor may be a view of all heads (honest byte count)
+            new_k = [t.clone(memory_format=torch.contiguous_format) for t in new_k]
+            new_v = [t.clone(memory_format=torch.contiguous_format) for t in new_v]
+        self.k_heads, self.v_heads = new_k, new_v
+        self._len += key_states.shape[-2]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.pending = (self._pad(self.k_heads, self.Uk_r.shape[-1]), self._pad(self.v_heads, self.Uv_r.shape[-1]))
+        return self.pending
+
+    def attend(self, module, query, k_lat, v_lat, attention_mask, scaling, **kwargs):
+        return latent_attention(module, query, k_lat, v_lat, self.Uk_r, self.Uv_r, self.bases.mu_k,
+                                self.bases.mu_v, attention_mask, scaling, **kwargs)
+
+    def analytic_bytes(self) -> int:
+        B = self.k_heads[0].shape[0] if self.k_heads else 0
+        return int(self.ranks.sum()) * self._len * B * torch.empty((), dtype=self.dtype).element_size()
+
+
+def empty_matryoshka_cache(projection: KVProjection, ranks: torch.Tensor, method: str = "matryoshka"
+                           ) -> CompressedCache:
+    ranks = check_ranks(ranks, projection.head_dim)
+    return CompressedCache([MatryoshkaLayer(projection.layer(i), ranks[i]) for i in range(projection.n_layers)],
+                           method=method)
+
+
+def matryoshka_cache(model, projection: KVProjection, ranks: torch.Tensor, method: str = "matryoshka"):
+    """A method builder for :func:`shared.kv_eval.evaluate_methods`: re-runs the context prefill *through* the
+    projection (attention in latent space, as MatryoshkaKV does), filling a latent cache; the prefill's own last
+    logits go on ``cache.prefill_logits``. Decode the result under :func:`latent_attention_impl`."""
+    projection.check_model(model)
+
+    @torch.no_grad()
+    def build(record: PrefillRecord) -> CompressedCache:
+        if record.input_ids is None:
+            raise ValueError("this PrefillRecord has no input_ids; record it with shared.cache.base.record_prefill")
+        with projection.frozen():
+            cache = empty_matryoshka_cache(projection, ranks, method)
+        with latent_attention_impl(model), attach(model, cache):
+            out = model(input_ids=record.input_ids, past_key_values=cache, use_cache=True)
+        cache.prefill_logits = out.logits[:, -1].float()
+        return cache
+
+    return build
+
+
+# ---- calibration: statistics of post-RoPE K and V ----------------------------------------------------------
+@torch.no_grad()
+def kv_statistics(model, batches: list[torch.Tensor], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per (layer, KV head) mean and covariance of post-RoPE keys and of values, read from the HF cache of each
+    batch of token ids ([B, T], no padding). Returns fp64 ``mean_k/mean_v`` [L, H, d], ``cov_k/cov_v`` [L, H, d, d]
+    and ``tokens``."""
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    if not batches:
+        raise ValueError("kv_statistics needs at least one batch of token ids")
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    device = next(model.parameters()).device
+    for ids in tqdm(batches, desc="K/V statistics", disable=not progress, leave=False):
+        cache = DynamicCache()
+        model(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
+        for kind, attr in (("k", "keys"), ("v", "values")):
+            x = torch.stack([getattr(l, attr) for l in cache.layers]).double()      # [L, B, H, T, d]
+            x = x.permute(0, 2, 1, 3, 4).flatten(2, 3)                             # [L, H, N, d]
+            sums[f"s_{kind}"] = sums.get(f"s_{kind}", 0) + x.sum(2)
+            sums[f"ss_{kind}"] = sums.get(f"ss_{kind}", 0) + x.mT @ x
+        n += ids.numel()
+    out = {"tokens": torch.tensor(n)}
+    for kind in KV:
+        mean = sums[f"s_{kind}"] / n
+        out[f"mean_{kind}"] = mean
+        out[f"cov_{kind}"] = sums[f"ss_{kind}"] / n - mean[..., :, None] * mean[..., None, :]
+    return out
+
+
+def fold_values(W_v: torch.Tensor, b_v: torch.Tensor | None, W_o: torch.Tensor, b_o: torch.Tensor | None,
+                bases: LayerBases, r_v: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, ...]:
+    """Fold U_V,r and μ_V into the value and output projections (math convention ``y = x·W``).
+
+    W_v [d_model, H·d] → [d_model, Σ r_h] (v' = x·W_v' + b_v' is the latent V'); W_o [Hq·d, d_model] →
+    [Σ_q r_h(q), d_model] with b_o' = b_o + Σ_q μ_V,h(q)·W_o,q. Returns (W_v', b_v', W_o', b_o')."""
+    H, d = bases.u_v.shape[0], bases.u_v.shape[1]
+    b_v = torch.zeros(H * d, dtype=W_v.dtype) if b_v is None else b_v
+    b_o = torch.zeros(W_o.shape[1], dtype=W_o.dtype) if b_o is None else b_o
+    Wv_new, bv_new, Wo_rows = [], [], []
+    for h in range(H):
+        U = bases.u_v[h, :, :int(r_v[h])].to(W_v.dtype)
+        Wv_new.append(W_v[:, h * d:(h + 1) * d] @ U)
+        bv_new.append((b_v[h * d:(h + 1) * d] - bases.mu_v[h].to(W_v.dtype)) @ U)
+    for q in range(H * n_rep):
+        h = q // n_rep
+        U = bases.u_v[h, :, :int(r_v[h])].to(W_o.dtype)
+        Wo_rows.append(U.T @ W_o[q * d:(q + 1) * d])
+        b_o = b_o + bases.mu_v[h].to(W_o.dtype) @ W_o[q * d:(q + 1) * d]
+    return torch.cat(Wv_new, 1), torch.cat(bv_new), torch.cat(Wo_rows, 0), b_o
+
+
+def channel_split(ranks: torch.Tensor, head_dim: int) -> dict[str, float]:
+    """Fraction of key and of value channels kept (the paper reports 32.28% / 42.72% at a 37.5% budget)."""
+    r = torch.as_tensor(ranks).double()
+    per = r[..., 0].numel() * head_dim
+    return {"key_fraction": float(r[..., 0].sum()) / per, "value_fraction": float(r[..., 1].sum()) / per}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).float().norm() / b.float().norm().clamp_min(1e-30))
+
+
+__all__ = ["NAME", "cayley", "inverse_cayley", "pca_basis", "default_step", "check_budget", "check_ranks",
+           "uniform_ranks", "budget_of", "sample_ranks", "LayerBases", "KVProjection", "project", "latent_attention",
+           "project_kv", "latent_attention_impl", "ProjectionHandle", "MatryoshkaLayer", "empty_matryoshka_cache",
+           "matryoshka_cache", "kv_statistics", "fold_values", "channel_split", "relative_error", "math"]
