@@ -62,3 +62,46 @@ def test_cskv_params_validation_rejects_bad_values(tmp_path):
 
 def test_verdict_vocabulary_is_closed():
     assert "reproduced" in VERDICTS and "pending" in VERDICTS
+
+
+def test_matryoshka_params_validate():
+    from papers.matryoshka_kv.stages import load_params
+
+    p = load_params()
+    assert set(p["eval"]["choice"]["budgets"]) <= set(p["search"]["budgets"])
+
+
+@pytest.mark.parametrize("path,value,match", [
+    (("eval", "budgets"), [1.0, 1.5], "budget"),
+    (("eval", "methods"), ["pca_uniform", "h2o"], "h2o"),
+    (("eval", "budgets"), [1.0, 0.625], "no searched ranks"),
+    (("search", "budgets"), [0.0], "budget"),
+])
+def test_matryoshka_params_reject_bad_values(tmp_path, path, value, match):
+    import yaml
+
+    from papers.matryoshka_kv.stages import HERE, load_params
+
+    p = read_yaml(HERE / "params.yaml")
+    p[path[0]][path[1]] = value
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(p))
+    with pytest.raises(ValueError, match=match):
+        load_params(f)
+
+
+def test_matryoshka_verdict_rules():
+    from papers.matryoshka_kv.stages import choice_claims, lm_claims
+
+    rows = [{"method": "full", "budget": 1.0, "ppl": 10.0, "kl": 0.0},
+            {"method": "pca_uniform", "budget": 1.0, "ppl": 10.0, "kl": 1e-8},
+            {"method": "pca_uniform", "budget": 0.5, "ppl": 25.0, "kl": 1.0},
+            {"method": "mkv_uniform", "budget": 0.5, "ppl": 12.0, "kl": 0.3},
+            {"method": "mkv_uniform", "budget": 0.375, "ppl": 14.0, "kl": 0.5},
+            {"method": "mkv_searched", "budget": 0.375, "ppl": 13.0, "kl": 0.4}]
+    got = {c["id"]: c["verdict"] for c in lm_claims(rows)}
+    assert got == {"exact_full_rank": "reproduced", "pca_collapse": "reproduced", "mkv_beats_pca": "reproduced",
+                   "search_gain": "reproduced"}
+    mc = [{"method": "full", "budget": 1.0, "acc_norm": 0.5, "n": 50},
+          {"method": "mkv_searched", "budget": 0.375, "acc_norm": 0.4, "n": 50}]
+    assert choice_claims(mc)[0]["verdict"] == "not reproduced"

@@ -93,15 +93,14 @@ class MatryoshkaTraining(L.LightningModule):
         at 50%)."""
         p = self.projection
         row = {"step": int(self.global_step)}
+        refs = [torch.log_softmax(self.base(input_ids=ids.to(self.device)).logits.float(), -1)
+                for ids in self.val_batches]
         with p.frozen():
             for b in self.val_budgets:
                 ranks = uniform_ranks(p.n_layers, p.n_kv_heads, p.head_dim, b)
-                kls = []
-                for ids in self.val_batches:
-                    ids = ids.to(self.device)
-                    ref = torch.log_softmax(self.base(input_ids=ids).logits.float(), -1)
-                    with project_kv(self.base, p, ranks):
-                        kls.append(float(kl_to(ref, self.base(input_ids=ids).logits)))
+                with project_kv(self.base, p, ranks):
+                    kls = [float(kl_to(ref, self.base(input_ids=ids.to(self.device)).logits))
+                           for ids, ref in zip(self.val_batches, refs)]
                 row[f"kl@{b:g}"] = sum(kls) / len(kls)
         self.curve.append(row)
         return row

@@ -5,12 +5,12 @@ from shared.tasks.longbench import LONGBENCH_E_TASKS, LongBenchUnavailable, load
 from shared.tasks.longeval import lines_for_tokens, longeval_lines, score_longeval
 from shared.tasks.needle import needle, score_needle
 from shared.tasks.passkey import passkey, score_passkey
-from shared.tasks.perplexity import corpus_text, perplexity
+from shared.tasks.perplexity import corpus_ids, corpus_text, perplexity, token_windows
 
 GENERATORS = {"passkey": passkey, "needle": needle, "longeval_lines": longeval_lines}
 SCORERS = {"passkey": score_passkey, "needle": score_needle, "longeval_lines": score_longeval}
 
 __all__ = ["ChatFrame", "PromptCase", "build_case", "first_integer", "last_integer", "LONGBENCH_E_TASKS",
            "LongBenchUnavailable", "load_longbench_e", "lines_for_tokens", "longeval_lines", "score_longeval",
-           "needle", "score_needle", "passkey", "score_passkey", "corpus_text", "perplexity", "GENERATORS",
+           "needle", "score_needle", "passkey", "score_passkey", "corpus_ids", "corpus_text", "perplexity", "token_windows", "GENERATORS",
            "SCORERS", "ChoiceItem", "next_line_choice", "score_choice"]

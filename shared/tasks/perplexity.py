@@ -50,3 +50,22 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 1024, stride: int =
         if end == ids.numel():
             break
     return {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count}
+
+
+def corpus_ids(tokenizer, split: str, max_chars: int | None = 2_000_000) -> torch.Tensor:
+    """Token ids (1-D) of the first ``max_chars`` characters of a corpus split."""
+    text = corpus_text(split)
+    return torch.tensor(tokenizer(text[:max_chars] if max_chars else text, add_special_tokens=False)["input_ids"])
+
+
+def token_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at seeded random, non-overlapping offsets of ``ids`` → [n, seq_len]."""
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    if n < 1 or seq_len < 2:
+        raise ValueError(f"need n >= 1 and seq_len >= 2, got n={n}, seq_len={seq_len}")
+    slots = ids.numel() // seq_len
+    if slots < n:
+        raise ValueError(f"{ids.numel()} tokens hold only {slots} windows of {seq_len}, asked for {n}")
+    pick = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([ids[int(i) * seq_len:(int(i) + 1) * seq_len] for i in pick])
