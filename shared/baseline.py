@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from shared.cache.base import full_cache, record_prefill
 from shared.io import write_json, write_text_atomic
-from shared.kv_eval import greedy_generate, wilson_interval
+from shared.kv_eval import greedy_generate
+from shared.metrics import wilson_interval
 from shared.models import timed_load
 from shared.paths import REPORTS_DIR
 from shared.reports import markdown_table

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.cache.base import CompressedCache, PrefillRecord, attach, full_cache, record_prefill
+from shared.metrics import kl_divergence, token_nll, top1_agreement, wilson_interval
 from shared.tasks.base import PromptCase
 
 PROTOCOLS = ("decode", "paper")
@@ -41,22 +42,42 @@ def split_case(case: PromptCase, protocol: str) -> tuple[list[int], list[int], i
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
+def _positions(start_pos: int | torch.Tensor, batch: int, device) -> torch.Tensor:
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.shape != (batch,):
+            raise ValueError(f"start_pos must be an int or a [{batch}] tensor, got shape {tuple(start_pos.shape)}")
+        return start_pos.to(device=device, dtype=torch.long)[:, None]
+    return torch.full((batch, 1), int(start_pos), dtype=torch.long, device=device)
+
+
+def _step_mask(cache: CompressedCache, batch: int, n_new: int, device) -> torch.Tensor | None:
+    """[B, S + n_new] attention mask over the cache's context slots (``cache.kv_mask``) and the decoded tokens."""
+    if cache.kv_mask is None:
+        return None
+    return torch.cat([cache.kv_mask.to(device).long(), torch.ones(batch, n_new, dtype=torch.long, device=device)], 1)
+
+
 @torch.no_grad()
-def decode_through(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Feed ``tokens`` [B, n] one position at a time through ``cache``; returns logits [B, n, V] (fp32)."""
+def decode_through(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int | torch.Tensor
+                   ) -> torch.Tensor:
+    """Feed ``tokens`` [B, n] one position at a time through ``cache``; returns logits [B, n, V] (fp32).
+    ``start_pos``: RoPE position of the first token (an int, or one per row: ``record.next_positions``); a cache
+    with a ``kv_mask`` (left-padded rows) is decoded with the matching attention mask."""
+    B = tokens.shape[0]
     out = []
+    start = _positions(start_pos, B, tokens.device)
     with attach(model, cache):
         for i in range(tokens.shape[1]):
-            pos = torch.full((tokens.shape[0], 1), start_pos + i, dtype=torch.long, device=tokens.device)
-            logits = model(input_ids=tokens[:, i:i + 1], position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits
+            logits = model(input_ids=tokens[:, i:i + 1], position_ids=start + i, past_key_values=cache,
+                           attention_mask=_step_mask(cache, B, i + 1, tokens.device), use_cache=True).logits
             out.append(logits[:, -1].float())
     return torch.stack(out, dim=1)
 
 
 @torch.no_grad()
-def greedy_generate(model, cache: CompressedCache, first_logits: torch.Tensor, start_pos: int, max_new_tokens: int,
-                    eos_token_id: int | None = None) -> list[list[int]]:
+def greedy_generate(model, cache: CompressedCache, first_logits: torch.Tensor, start_pos: int | torch.Tensor,
+                    max_new_tokens: int,
+                       eos_token_id: int | None = None) -> list[list[int]]:
     """Greedy decoding (the paper's LongEval protocol) from ``first_logits`` [B, V]; returns new token ids."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -73,8 +94,9 @@ def greedy_generate(model, cache: CompressedCache, first_logits: torch.Tensor, s
                 done |= nxt == eos_token_id
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            pos = torch.full((B, 1), start_pos + i, dtype=torch.long, device=nxt.device)
-            logits = model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=nxt[:, None], position_ids=_positions(start_pos, B, nxt.device) + i,
+                           past_key_values=cache, attention_mask=_step_mask(cache, B, i + 1, nxt.device),
+                           use_cache=True).logits
             nxt = logits[:, -1].argmax(-1)
     return outs
 
@@ -138,26 +160,15 @@ def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBu
                 rows.append({
                     "method": name, "case": i, "context_tokens": T,
                     "correct": bool((lp[a0:].argmax(-1) == ans).all()),
-                    "answer_nll": float(-lp[a0:].gather(-1, ans[:, None]).mean()),
-                    "kl": float((ref.exp() * (ref - lp)).sum(-1).mean()),
-                    "top1": float((lp.argmax(-1) == ref.argmax(-1)).float().mean()),
+                    "answer_nll": float(token_nll(lp[a0:], ans)),
+                    "kl": float(kl_divergence(ref, lp)),
+                    "top1": float(top1_agreement(ref, lp)),
                     "bytes": stored // len(idx), "full_bytes": full_bytes // len(idx),
                 })
             bar.update(len(idx))
             del cache
     bar.close()
     return rows
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarize(rows: list[dict], keys: tuple[str, ...] = ("method",)) -> list[dict]:

@@ -62,6 +62,23 @@ def spec_from_config(name: str, config) -> ModelSpec:
     )
 
 
+def decoder(model):
+    """The decoder stack of a decoder-only HF causal LM (``LlamaModel``-style: ``.layers`` and ``.norm``).
+
+    The one way the project finds decoder layers: ``model.base_model`` is the stack for every HF ``*ForCausalLM``
+    (and the model itself for a bare ``*Model``)."""
+    inner = getattr(model, "base_model", model)
+    if not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+        raise ValueError(f"{type(model).__name__} is not a decoder-only HF causal LM with base_model.layers and "
+                         "base_model.norm (Llama/Mistral/Qwen/Gemma-style)")
+    return inner
+
+
+def decoder_layers(model) -> "torch.nn.ModuleList":
+    """The decoder layers of ``model`` (see :func:`decoder`)."""
+    return decoder(model).layers
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """fp32 on CPU; bf16 on GPUs that support it, else fp16."""
     device = torch.device(device)

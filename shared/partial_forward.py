@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.models import decoder
+
 
 @dataclass
 class LayerInputs:
@@ -19,16 +21,9 @@ class LayerInputs:
     logits: torch.Tensor         # the full forward's logits [B, T, V]
 
 
-def _decoder(model):
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
-        raise ValueError(f"{type(model).__name__} is not a decoder-only HF LM with .model.layers and .model.norm")
-    return inner
-
-
 @torch.no_grad()
 def capture_layer_inputs(model, input_ids: torch.Tensor) -> LayerInputs:
-    inner = _decoder(model)
+    inner = decoder(model)
     hidden: list = [None] * len(inner.layers)
     kwargs: list = [None] * len(inner.layers)
     handles = []
@@ -48,7 +43,7 @@ def capture_layer_inputs(model, input_ids: torch.Tensor) -> LayerInputs:
 @torch.no_grad()
 def forward_from(model, captured: LayerInputs, start: int, final_hidden: bool = False) -> torch.Tensor:
     """Logits (or, with ``final_hidden``, the normed last hidden state) recomputed from layer ``start``."""
-    inner = _decoder(model)
+    inner = decoder(model)
     if not 0 <= start < len(inner.layers):
         raise ValueError(f"start must be in [0, {len(inner.layers)}), got {start}")
     h = captured.hidden[start]

@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny random Llama (fast, no data needed) and the embedded SmolLM2 (needs `make data`)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# @triton.jit reads TRITON_INTERPRET when a kernel module is imported: set it before any test imports kernels.*
+# (cache methods import kernels.quant), so CPU runs use the Triton interpreter. Left alone on a CUDA machine.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from shared.models import EMBEDDED_MODELS
 

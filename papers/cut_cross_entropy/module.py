@@ -27,22 +27,16 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from shared.models import decoder_layers
+
 LOSS_IMPLS = ("torch", "torch_chunked", "triton")
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "base_model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"model must be a decoder-only transformers causal LM with base_model.layers, got "
-                         f"{type(model).__name__}")
-    return layers
 
 
 def freeze_all_but_last(model: nn.Module, n_blocks: int) -> list[str]:
     """Freeze every parameter except those of the last ``n_blocks`` decoder blocks and the final norm.
 
     The (tied) embedding / LM head stays frozen. Returns the names of the trainable parameters."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks <= len(layers):
         raise ValueError(f"n_blocks must be an int in [1, {len(layers)}], got {n_blocks!r}")
     model.requires_grad_(False)
@@ -55,7 +49,7 @@ def freeze_all_but_last(model: nn.Module, n_blocks: int) -> list[str]:
 @torch.no_grad()
 def frozen_prefix_hidden(model: nn.Module, input_ids: Tensor, n_frozen: int) -> Tensor:
     """Hidden states entering block ``n_frozen`` (the output of the first ``n_frozen`` blocks) for ``input_ids``."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if isinstance(n_frozen, bool) or not isinstance(n_frozen, int) or not 1 <= n_frozen < len(layers):
         raise ValueError(f"n_frozen must be an int in [1, {len(layers) - 1}], got {n_frozen!r}")
     captured: list[Tensor] = []
@@ -79,7 +73,7 @@ def trainable_suffix(model: nn.Module, n_frozen: int) -> nn.Module:
     """A copy of ``model`` holding only blocks ``n_frozen:`` (plus the embedding, final norm and head), to be fed
     :func:`frozen_prefix_hidden` features as ``inputs_embeds``. Position ids default to ``0..T-1`` as in the full
     model, so RoPE is unchanged."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if isinstance(n_frozen, bool) or not isinstance(n_frozen, int) or not 1 <= n_frozen < len(layers):
         raise ValueError(f"n_frozen must be an int in [1, {len(layers) - 1}], got {n_frozen!r}")
     kept = list(layers[n_frozen:])

@@ -4,58 +4,122 @@ How a method plugs in (kvpress-style):
 
 * The evaluation prefills the context **exactly** once with :func:`record_prefill`, which keeps per layer the
   post-RoPE keys, the values, the attention input ``X`` (post-norm hidden states) and RoPE ``cos/sin``.
-* A method turns that :class:`PrefillRecord` into a :class:`CompressedCache` (one :class:`CompressedLayer` per model
-  layer) — only ``compress`` is method-specific.
-* Decoding then runs the unmodified model with that cache. :func:`attach` registers forward pre-hooks on the
-  attention modules so each layer sees its input ``X`` and ``cos/sin`` before ``update`` is called (low-rank
-  methods need ``X`` to form latents ``X·A``).
+* A method (a :class:`shared.cache.registry.KVMethod`, registered by name) turns that :class:`PrefillRecord` into a
+  :class:`CompressedCache` (one :class:`CompressedLayer` per model layer) — only the compression is method-specific.
+* Decoding then runs the unmodified model with that cache inside :func:`attach`, which (a) registers forward
+  pre-hooks so each layer sees its input ``X`` and ``cos/sin`` before ``update`` is called (low-rank methods need
+  ``X`` to form latents ``X·A``) and (b) routes attention through the **one attention router** of the project.
+
+The router (:func:`routed_attention`, registered with transformers' ``AttentionInterface`` as ``"reprise"``): a cache
+layer that attends by itself (CSKV's fused low-rank decode, MatryoshkaKV's latent attention) overrides
+:meth:`CompressedLayer.attend`; a context that changes every attention call without a cache (``project_kv``) sets a
+per-module handler; every other call runs the model's own attention implementation unchanged.
+
+Left padding: ``record_prefill(..., attention_mask=)`` keeps the mask and per-row positions; a cache carries a
+``kv_mask`` [B, S] over its context slots (False = padding) that :func:`shared.kv_eval.decode_through` extends while
+decoding, so a padded row decodes as it would alone.
 
 Byte accounting counts the real storage of the tensors a layer *keeps* (:meth:`CompressedLayer.stored_tensors`);
 compute scratch (e.g. a materialized reconstruction, identical to re-reconstructing every step) is excluded.
+Every layer also states its :meth:`CompressedLayer.analytic_bytes` (the formula), and tests assert both agree.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from shared.memory import tensor_bytes
+from shared.models import decoder_layers
+
+ROUTER = "reprise"
 
 
 def attention_modules(model) -> list:
     """The per-layer self-attention modules of a decoder-only HF model (Llama/Mistral/Qwen-style)."""
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .model.layers; only decoder-only HF LMs are supported")
-    return [layer.self_attn for layer in layers]
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+# ---- the one attention router ------------------------------------------------------------------------------
+def _fallback_attention(module, previous: str):
+    """The attention function the model used before routing (its own ``eager`` lives in its modeling file)."""
+    if previous in AttentionInterface._global_mapping and previous != ROUTER:
+        return AttentionInterface._global_mapping[previous]
+    if previous == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    return sdpa_attention_forward
+
+
+def _routed(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = getattr(module, "_reprise_cache_layer", None)
+    if layer is not None:
+        out = layer.attend(module, query, key, value, attention_mask, scaling, **kwargs)
+        if out is not None:
+            return out, None
+    handler = getattr(module, "_reprise_attend", None)
+    if handler is not None:
+        return handler(module, query, key, value, attention_mask, scaling, **kwargs), None
+    previous = getattr(module, "_reprise_previous_impl", "sdpa")
+    return _fallback_attention(module, previous)(module, query, key, value, attention_mask, scaling=scaling,
+                                                 dropout=dropout, **kwargs)
+
+
+AttentionInterface.register(ROUTER, _routed)
+AttentionMaskInterface.register(ROUTER, sdpa_mask)
+
+
+@contextmanager
+def routed_attention(model) -> Iterator[None]:
+    """Route every attention call of ``model`` through the project's router (re-entrant; restores on exit)."""
+    previous = model.config._attn_implementation
+    if previous == ROUTER:
+        yield
+        return
+    for attn in attention_modules(model):
+        attn._reprise_previous_impl = previous
+    model.set_attn_implementation(ROUTER)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 @contextmanager
 def attach(model, cache: "Cache") -> Iterator[None]:
-    """While active, each attention module hands its input hidden states and RoPE cos/sin to
-    ``cache.layers[layer_idx].observe(...)`` just before it runs (and hence before ``cache.update``)."""
+    """While active, attention is routed (:func:`routed_attention`) and each attention module hands its input
+    hidden states and RoPE cos/sin to ``cache.layers[layer_idx].observe(...)`` just before it runs (and hence before
+    ``cache.update``); the layer's :meth:`CompressedLayer.attend` may then take over the attention call."""
     handles = []
-    for idx, attn in enumerate(attention_modules(model)):
+    mods = attention_modules(model)
+    for idx, attn in enumerate(mods):
         def hook(module, args, kwargs, idx=idx):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
             layer = cache.layers[idx] if idx < len(cache.layers) else None
-            module._reprise_cache_layer = layer  # read by shared.cache.fused's attention function
+            module._reprise_cache_layer = layer if isinstance(layer, CompressedLayer) else None
             if layer is not None and hasattr(layer, "observe"):
                 layer.observe(hidden, cos, sin)
         handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        yield
+        with routed_attention(model):
+            yield
     finally:
         for h in handles:
             h.remove()
-        for attn in attention_modules(model):
+        for attn in mods:
             attn._reprise_cache_layer = None
 
 
+# ---- the exact prefill every method compresses -------------------------------------------------------------
 @dataclass
 class LayerRecord:
     keys: torch.Tensor     # [B, Hkv, T, D], post-RoPE (what HF caches)
@@ -72,11 +136,27 @@ class PrefillRecord:
     layers: list[LayerRecord]
     last_logits: torch.Tensor  # [B, V] logits at the last context position
     n_tokens: int
-    input_ids: torch.Tensor | None = None  # [B, T] the prefilled ids (methods that re-run the prefill need them)
+    input_ids: torch.Tensor | None = None       # [B, T] the prefilled ids (methods that re-run the prefill need them)
+    attention_mask: torch.Tensor | None = None  # [B, T] bool, False = left padding (None: no padding)
+    model: Any = None                           # the model that produced it (score-based methods read its weights)
+    memo: dict = field(default_factory=dict, repr=False)  # per-record scratch shared by methods (e.g. scores)
 
     @property
     def batch_size(self) -> int:
         return self.layers[0].keys.shape[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, T] bool: which context positions hold real tokens."""
+        if self.attention_mask is None:
+            k = self.layers[0].keys
+            return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        return self.attention_mask.bool()
+
+    @property
+    def next_positions(self) -> torch.Tensor:
+        """[B] RoPE position of the first token decoded after the context (= real tokens per row)."""
+        return self.valid.sum(-1)
 
 
 class _RecordingLayer(DynamicLayer):
@@ -84,24 +164,43 @@ class _RecordingLayer(DynamicLayer):
         self.hidden, self.cos, self.sin = hidden.detach(), cos.detach(), sin.detach()
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row RoPE positions of a left-padded batch: 0 at each row's first real token (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 @torch.no_grad()
 def record_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PrefillRecord:
-    """Run the exact (uncompressed) prefill once and keep what every method needs. ``input_ids``: [B, T]."""
+    """Run the exact (uncompressed) prefill once and keep what every method needs. ``input_ids``: [B, T];
+    ``attention_mask`` [B, T] (1 = token, 0 = left padding) for batches of different lengths."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("only left padding is supported: every row's last position must be a real token")
+        if bool(attention_mask.all()):
+            attention_mask = None
     n_layers = len(attention_modules(model))
     cache = Cache(layers=[_RecordingLayer() for _ in range(n_layers)])
+    pos = None if attention_mask is None else positions_from_mask(attention_mask)
     with attach(model, cache):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
     layers = [LayerRecord(l.keys, l.values, l.hidden, l.cos.expand(l.hidden.shape[0], -1, -1),
                           l.sin.expand(l.hidden.shape[0], -1, -1)) for l in cache.layers]
     return PrefillRecord(layers=layers, last_logits=out.logits[:, -1].float(), n_tokens=input_ids.shape[1],
-                         input_ids=input_ids)
+                         input_ids=input_ids,
+                         attention_mask=None if attention_mask is None else attention_mask.bool(), model=model)
 
 
+# ---- compressed caches -------------------------------------------------------------------------------------
 class CompressedLayer(DynamicLayer):
     """Base for one layer of a compressed cache. Subclasses implement :meth:`update` (return the keys/values the
-    attention should read, post-RoPE) and :meth:`stored_tensors` (what the method really keeps)."""
+    attention should read, post-RoPE), :meth:`stored_tensors` (what the method really keeps) and
+    :meth:`analytic_bytes` (the same by formula). A layer that computes attention itself overrides :meth:`attend`."""
 
     def __init__(self):
         super().__init__()
@@ -110,11 +209,22 @@ class CompressedLayer(DynamicLayer):
     def observe(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Called with the attention input before :meth:`update`; default: unused."""
 
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor | None:
+        """Attention output [B, q_len, Hq, D] if this layer computes the call itself, else None (the router then
+        runs the model's own attention on the ``key``/``value`` that :meth:`update` returned)."""
+        return None
+
     def stored_tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
 
     def stored_bytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.stored_tensors())
+
+    def analytic_bytes(self) -> int:
+        """Bytes this layer should hold by formula; default: dense keys + values."""
+        if self.keys is None:
+            return 0
+        return 2 * self.keys.numel() * self.keys.element_size()
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
@@ -123,9 +233,11 @@ class CompressedLayer(DynamicLayer):
 class CompressedCache(Cache):
     """A transformers ``Cache`` made of :class:`CompressedLayer` objects plus byte accounting."""
 
-    def __init__(self, layers: list[CompressedLayer], method: str):
+    def __init__(self, layers: list[CompressedLayer], method: str, kv_mask: torch.Tensor | None = None):
         super().__init__(layers=layers)
         self.method = method
+        # [B, S] bool over the context slots every layer holds (False = padding); None = all real.
+        self.kv_mask = kv_mask
         # Methods whose prefill itself differs from the exact one (e.g. attention in a latent space) put their own
         # last-position logits here; evaluators use them instead of the exact prefill's.
         self.prefill_logits: torch.Tensor | None = None
@@ -133,6 +245,9 @@ class CompressedCache(Cache):
     def stored_bytes(self) -> int:
         """Bytes of real storage held by all layers (what a deployment would keep in memory)."""
         return sum(layer.stored_bytes() for layer in self.layers)
+
+    def analytic_bytes(self) -> int:
+        return sum(layer.analytic_bytes() for layer in self.layers)
 
 
 class ExactLayer(CompressedLayer):
@@ -151,4 +266,5 @@ class ExactLayer(CompressedLayer):
 
 def full_cache(record: PrefillRecord) -> CompressedCache:
     """The uncompressed baseline: an exact copy of the prefill's K/V."""
-    return CompressedCache([ExactLayer(l.keys, l.values) for l in record.layers], method="full")
+    return CompressedCache([ExactLayer(l.keys, l.values) for l in record.layers], method="full",
+                           kv_mask=record.attention_mask)

@@ -1,96 +1,87 @@
-"""Token-eviction baselines at a given compression ratio: keep ``⌈(1 − ratio)·T⌉`` context tokens per KV head.
+"""Token-eviction baselines on the shared scoring base (:mod:`shared.cache.scorer`).
 
 * StreamingLLM (Xiao et al., 2024): ``n_sink`` first tokens + the most recent ones.
-* H2O (Zhang et al., 2023): half the budget for heavy hitters (largest attention mass accumulated over the prefill
-  queries, summed over the query heads of each KV head), half for the most recent tokens.
-
-Selection happens once, on the exact prefill; tokens decoded afterwards are appended exactly (the budget is fixed
-at compression time, as kvpress does). Keys keep the RoPE of their original positions.
+* H2O (Zhang et al., 2023): half the budget for the most recent tokens, half for heavy hitters — the largest
+  attention mass accumulated over the prefill queries, summed over the query heads of each KV head.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from shared.cache.base import CompressedCache, ExactLayer, PrefillRecord, attention_modules
+from shared.cache.base import LayerRecord
 from shared.cache.rope import apply_rope
+from shared.cache.scorer import ScorerMethod
 
 
-def _check_ratio(ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"compression ratio must be in [0, 1), got {ratio!r}")
+@dataclass
+class StreamingLLM(ScorerMethod):
+    """Score = recency, with the first ``n_sink`` real tokens (attention sinks) above every other token."""
 
+    n_sink: int = 4
+    name: ClassVar[str] = "streaming_llm"
 
-def kept_tokens(n_tokens: int, ratio: float) -> int:
-    _check_ratio(ratio)
-    return max(1, math.ceil((1.0 - ratio) * n_tokens))
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
 
-
-def _gather(record: PrefillRecord, index: list[torch.Tensor], method: str) -> CompressedCache:
-    layers = []
-    for rec, idx in zip(record.layers, index):
-        idx = idx.sort(dim=-1).values  # keep positional order
-        gi = idx[..., None].expand(-1, -1, -1, rec.keys.shape[-1])
-        layers.append(ExactLayer(rec.keys.gather(2, gi), rec.values.gather(2, gi)))
-    return CompressedCache(layers, method=method)
-
-
-def streaming_llm_cache(record: PrefillRecord, ratio: float, n_sink: int = 4) -> CompressedCache:
-    keep = kept_tokens(record.n_tokens, ratio)
-    sink = min(n_sink, keep)
-    T = record.n_tokens
-    pos = torch.cat([torch.arange(sink), torch.arange(T - (keep - sink), T)])
-    index = []
-    for rec in record.layers:
-        B, H = rec.keys.shape[:2]
-        index.append(pos.to(rec.keys.device).expand(B, H, -1).clone())
-    return _gather(record, index, "streaming_llm")
+    def score(self, module, layer: LayerRecord, valid: torch.Tensor) -> torch.Tensor:
+        T = valid.shape[1]
+        j = (valid.long().cumsum(-1) - 1).float()                              # index among real tokens
+        s = torch.where(j < self.n_sink, 2.0 * T - j, j)                       # sinks first (earliest first)
+        return s[:, None].expand(-1, layer.keys.shape[1], -1)
 
 
 @torch.no_grad()
-def h2o_scores(model, record: PrefillRecord, max_queries: int = 512, chunk: int = 256) -> list[torch.Tensor]:
-    """Accumulated attention probability each key receives, per layer → [B, Hkv, T].
+def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos: torch.Tensor,
+                          chunk: int = 256) -> torch.Tensor:
+    """Σ over queries ``q_pos`` (and the query heads of each KV head) of causal softmax attention → [B, Hkv, T].
 
-    Sums over the prefill queries (causal softmax, recomputed from the recorded attention inputs). To bound the
-    O(T²) cost on CPU, at most ``max_queries`` evenly spaced query positions are used (all of them when T is
-    smaller): an unbiased-in-spirit estimate of H2O's accumulated score.
-    """
-    scores = []
-    T = record.n_tokens
-    q_pos = torch.linspace(0, T - 1, steps=min(max_queries, T)).round().long().unique()
-    for attn, rec in zip(attention_modules(model), record.layers):
-        B, Hkv, _, D = rec.keys.shape
-        x = rec.hidden[:, q_pos]
-        q = attn.q_proj(x).view(B, len(q_pos), -1, D).transpose(1, 2)
-        q = apply_rope(q, rec.cos[:, q_pos], rec.sin[:, q_pos])
-        Hq = q.shape[1]
-        q = q.view(B, Hkv, Hq // Hkv, len(q_pos), D)
-        acc = torch.zeros(B, Hkv, T, dtype=torch.float32, device=rec.keys.device)
-        for s in range(0, len(q_pos), chunk):
-            qp = q_pos[s:s + chunk]
-            logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, s:s + chunk].float(), rec.keys.float())
-            logits = logits / math.sqrt(D)
-            mask = torch.arange(T, device=logits.device)[None, :] > qp[:, None].to(logits.device)
-            logits.masked_fill_(mask, float("-inf"))
-            acc += logits.softmax(-1).sum(dim=(2, 3))
-        scores.append(acc)
-    return scores
+    Recomputed from the recorded attention input: q = RoPE(x·W_Q), logits = q·Kᵀ/√d; padding keys are masked."""
+    B, Hkv, T, D = layer.keys.shape
+    x = layer.hidden[:, q_pos]
+    q = module.q_proj(x).view(B, len(q_pos), -1, D).transpose(1, 2)
+    q = apply_rope(q, layer.cos[:, q_pos], layer.sin[:, q_pos])
+    Hq = q.shape[1]
+    q = q.view(B, Hkv, Hq // Hkv, len(q_pos), D)
+    acc = torch.zeros(B, Hkv, T, dtype=torch.float32, device=layer.keys.device)
+    for s in range(0, len(q_pos), chunk):
+        qp = q_pos[s:s + chunk].to(layer.keys.device)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, s:s + chunk].float(), layer.keys.float())
+        logits = logits / math.sqrt(D)
+        mask = torch.arange(T, device=logits.device)[None, :] > qp[:, None]             # causal [q, k]
+        mask = mask[None] | ~valid[:, None, :]                                          # + padding keys [B, q, k]
+        logits = logits.masked_fill(mask[:, None, None], float("-inf"))
+        probs = logits.softmax(-1).nan_to_num(0.0) * valid[:, qp][:, None, None, :, None]  # pad queries: nothing
+        acc += probs.sum(dim=(2, 3))
+    return acc
 
 
-def h2o_cache(record: PrefillRecord, ratio: float, scores: list[torch.Tensor], recent_fraction: float = 0.5
-              ) -> CompressedCache:
-    if not 0.0 <= recent_fraction <= 1.0:
-        raise ValueError(f"recent_fraction must be in [0, 1], got {recent_fraction}")
-    keep = kept_tokens(record.n_tokens, ratio)
-    T = record.n_tokens
-    n_recent = int(round(keep * recent_fraction))
-    n_heavy = keep - n_recent
-    index = []
-    for rec, s in zip(record.layers, scores):
-        B, H = rec.keys.shape[:2]
-        recent = torch.arange(T - n_recent, T, device=s.device).expand(B, H, -1)
-        older = s[..., : T - n_recent]
-        heavy = older.topk(min(n_heavy, older.shape[-1]), dim=-1).indices
-        index.append(torch.cat([heavy, recent], dim=-1))
-    return _gather(record, index, "h2o")
+@dataclass
+class H2O(ScorerMethod):
+    """Heavy hitters: accumulated attention over the prefill queries. To bound the O(T²) CPU cost, at most
+    ``max_queries`` evenly spaced query positions are used (all of them when T is smaller)."""
+
+    max_queries: int = 512
+    recent_fraction: float = 0.5
+    needs: ClassVar[frozenset[str]] = frozenset({"scores"})
+    name: ClassVar[str] = "h2o"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction!r}")
+        if isinstance(self.max_queries, bool) or not isinstance(self.max_queries, int) or self.max_queries < 1:
+            raise ValueError(f"max_queries must be an int >= 1, got {self.max_queries!r}")
+
+    def protected(self, n_kept: int) -> int:
+        return int(round(n_kept * self.recent_fraction))
+
+    def score(self, module, layer: LayerRecord, valid: torch.Tensor) -> torch.Tensor:
+        T = valid.shape[1]
+        q_pos = torch.linspace(0, T - 1, steps=min(self.max_queries, T)).round().long().unique()
+        return accumulated_attention(module, layer, valid, q_pos)

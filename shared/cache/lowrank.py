@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from kernels.quant import dequantize_int4, quantize_int4
 from shared.cache.base import CompressedCache, CompressedLayer, PrefillRecord
-from shared.cache.decompose import Factors
+from shared.cache.decompose import Factors, factorize, projection_weights, rank_for_density
+from shared.cache.registry import KVMethod
 from shared.cache.rope import apply_rope
 from shared.memory import tensor_bytes
 
@@ -144,11 +148,21 @@ class LowRankLayer(CompressedLayer):
         self._rebalance()
         if n_new > 1:
             return out_k, out_v
-        if self.impl == "triton":  # the fused attention reads the latents itself (shared.cache.fused)
+        if self.impl == "triton":  # the fused attention reads the latents itself (see attend)
             self.fused_step_ready = True
             return self.wk, self.wv
         parts = self._latent_kv() + [(self.wk, self.wv)]
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        """impl="triton": a one-token decode step attends over the stored latents + window with the fused kernel,
+        ``o = softmax(q·RoPE(z_K B_K)ᵀ ⊕ q·K_winᵀ) (z_V B_V ⊕ V_win)`` — no rebuilt K/V; everything else: None
+        (the router runs the model's attention on what :meth:`update` returned)."""
+        if not (self.fused_step_ready and query.shape[2] == 1):
+            return None
+        self.fused_step_ready = False
+        out = self.fused_attention(query[:, :, 0], scaling)                   # [B, Hq, D]
+        return out[:, None].to(query.dtype)                                   # HF layout [B, q_len, Hq, D]
 
     def fused_attention(self, q: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """One decode step over the stored latents + window with ``kernels.latent_attention`` (q: [B, Hq, D])."""
@@ -202,4 +216,55 @@ def lowrank_cache(record: PrefillRecord, factors: list[tuple[Factors, Factors]],
                              impl=impl)
         layer.load_prefill(rec.hidden, rec.keys, rec.values, rec.cos, rec.sin)
         layers.append(layer)
-    return CompressedCache(layers, method=method)
+    if impl == "triton" and record.attention_mask is not None:
+        raise ValueError("impl='triton' (fused decode) does not read an attention mask: left-padded batches need "
+                         "impl='torch'")
+    return CompressedCache(layers, method=method, kv_mask=record.attention_mask)
+
+
+def svd_factors(model, density: float, per_head: bool = False) -> list[tuple[Factors, Factors]]:
+    """Plain SVD factors of every layer's W_K and W_V at ``density`` (the data-free low-rank baseline)."""
+    cfg = model.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    r = rank_for_density(density, head_dim, n_kv)
+    g = n_kv if per_head else 1
+    return [(factorize(wk, r, g, "svd"), factorize(wv, r, g, "svd"))
+            for wk, wv in zip(projection_weights(model, "k"), projection_weights(model, "v"))]
+
+
+@dataclass
+class LowRank(KVMethod):
+    """CSKV's bi-branch low-rank cache (and the SVD/ASVD/whitened baselines, which differ only in ``factors``).
+
+    ``compression_ratio`` = 1 − density of the latents (the paper's accounting; the exact window is extra and shows
+    in the measured bytes). ``factors[l] = (K factors, V factors)``; None → plain SVD of the record's model weights
+    at density ``1 − compression_ratio`` (``per_head`` picks the decomposition). Given factors must have that density
+    (mean of K and V, within one channel per head)."""
+
+    factors: list | None = None
+    window: int = 32
+    quantize: bool = False
+    impl: str = "torch"
+    per_head: bool = False
+    needs: ClassVar[frozenset[str]] = frozenset({"factors", "fused"})
+    name: ClassVar[str] = "lowrank"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        if self.impl not in ("torch", "triton"):
+            raise ValueError(f"impl must be 'torch' or 'triton', got {self.impl!r}")
+
+    def compress(self, record: PrefillRecord) -> CompressedCache:
+        density = 1.0 - self.compression_ratio
+        factors = self.factors if self.factors is not None else svd_factors(record.model, density, self.per_head)
+        n_kv, head_dim = record.layers[0].keys.shape[1], record.layers[0].keys.shape[-1]
+        fk, fv = factors[0]
+        got = (fk.rank + fv.rank) / (2 * n_kv * head_dim)
+        if abs(got - density) > 1.0 / head_dim + 1e-9:
+            raise ValueError(f"factors keep {got:.4f} of the K/V channels but compression_ratio="
+                             f"{self.compression_ratio} asks for density {density:.4f}")
+        return lowrank_cache(record, factors, n_kv, window=self.window, quantize=self.quantize, method=self.name,
+                             impl=self.impl)

@@ -14,33 +14,32 @@ attention. A query head uses the U_K/U_V of its KV head (GQA-correct: one projec
 Orthogonality by the Cayley map of an unconstrained X (trainable): A = X − Xᵀ, U = (I − A/2)⁻¹(I + A/2). Cayley only
 reaches det +1, so PCA bases get their first column's sign flipped when det < 0.
 
-Two ways to run a model with projections (the registered attention function ``"reprise_matryoshka"`` serves both):
+Two ways to run a model with projections (both through the project's one attention router, shared.cache.base):
 
 * :func:`project_kv` — a context in which every attention call projects its own K/V/Q (training, perplexity, the
   rank search): no cache needed; ranks can change between calls (``handle.ranks = ...``).
 * :func:`matryoshka_cache` — a :class:`~shared.cache.base.CompressedCache` builder whose layers project new tokens
   on ``update`` and store per-head latents of width r_h (zero-padded on read); prefill runs through the projection.
+  Registered as the KV method ``"matryoshka"`` (:class:`Matryoshka`).
 
 Ranks are an int tensor [L, H, 2] (last axis: K, V) on the grid {step, 2·step, …, d}; the KV budget is
 Σ(r_K + r_V)/(2·L·H·d), i.e. the fraction of cached channels (= bytes at equal dtype).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from shared.cache.base import CompressedCache, CompressedLayer, PrefillRecord, attach, attention_modules
+from shared.cache.base import (CompressedCache, CompressedLayer, PrefillRecord, attach, attention_modules,
+                               positions_from_mask, routed_attention)
+from shared.cache.registry import KVMethod
 
-NAME = "reprise_matryoshka"
 KV = ("k", "v")
 
 
@@ -130,13 +129,6 @@ def uniform_ranks(n_layers: int, n_kv_heads: int, head_dim: int, budget: float, 
 def budget_of(ranks: torch.Tensor, head_dim: int) -> float:
     """Fraction of KV channels kept: Σ(r_K + r_V) / (2·L·H·d)."""
     return float(torch.as_tensor(ranks).sum()) / (torch.as_tensor(ranks).numel() * head_dim)
-
-
-def sample_ranks(n_layers: int, n_kv_heads: int, head_dim: int, generator: torch.Generator,
-                 step: int | None = None) -> torch.Tensor:
-    """Matryoshka training's sampler: every (layer, head, K/V) independently uniform on {step, 2·step, …, d}."""
-    step = default_step(head_dim) if step is None else step
-    return torch.randint(1, head_dim // step + 1, (n_layers, n_kv_heads, 2), generator=generator) * step
 
 
 # ---- the projection parameters -----------------------------------------------------------------------------
@@ -288,35 +280,6 @@ class ProjectionHandle:
         self._ranks = r
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layer = getattr(module, "_reprise_cache_layer", None)
-    if isinstance(layer, MatryoshkaLayer) and layer.pending is not None and key is layer.pending[0]:
-        layer.pending = None   # key/value are the latents this layer's update() just returned
-        return layer.attend(module, query, key, value, attention_mask, scaling, **kwargs), None
-    state = getattr(module, "_reprise_mkv", None)
-    if state is not None:
-        return state.attend(module, query, key, value, attention_mask, scaling, **kwargs), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-AttentionInterface.register(NAME, _attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
-
-
-@contextmanager
-def latent_attention_impl(model) -> Iterator[None]:
-    """Switch the model to the ``reprise_matryoshka`` attention function (plain SDPA for unprojected calls)."""
-    previous = model.config._attn_implementation
-    if previous != NAME:
-        model.set_attn_implementation(NAME)
-    try:
-        yield
-    finally:
-        if previous != NAME:
-            model.set_attn_implementation(previous)
-
-
 @contextmanager
 def project_kv(model, projection: KVProjection, ranks: torch.Tensor | None = None, keep_query_mean: bool = False,
                step: int | None = None) -> Iterator[ProjectionHandle]:
@@ -327,14 +290,14 @@ def project_kv(model, projection: KVProjection, ranks: torch.Tensor | None = Non
         ranks = torch.full((projection.n_layers, projection.n_kv_heads, 2), projection.head_dim)
     handle = ProjectionHandle(projection, ranks, keep_query_mean, step)
     mods = attention_modules(model)
-    with latent_attention_impl(model):
+    with routed_attention(model):
         for i, attn in enumerate(mods):
-            attn._reprise_mkv = _Projected(handle, i)
+            attn._reprise_attend = _Projected(handle, i).attend
         try:
             yield handle
         finally:
             for attn in mods:
-                attn._reprise_mkv = None
+                attn._reprise_attend = None
 
 
 # ---- the latent KV cache -----------------------------------------------------------------------------------
@@ -380,9 +343,13 @@ class MatryoshkaLayer(CompressedLayer):
         self.pending = (self._pad(self.k_heads, self.Uk_r.shape[-1]), self._pad(self.v_heads, self.Uv_r.shape[-1]))
         return self.pending
 
-    def attend(self, module, query, k_lat, v_lat, attention_mask, scaling, **kwargs):
-        return latent_attention(module, query, k_lat, v_lat, self.Uk_r, self.Uv_r, self.bases.mu_k,
-                                self.bases.mu_v, attention_mask, scaling, **kwargs)
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        """Latent attention over what :meth:`update` just returned (the router's hook); None for anything else."""
+        if self.pending is None or key is not self.pending[0]:
+            return None
+        self.pending = None
+        return latent_attention(module, query, key, value, self.Uk_r, self.Uv_r, self.bases.mu_k, self.bases.mu_v,
+                                attention_mask, scaling, **kwargs)
 
     def analytic_bytes(self) -> int:
         B = self.k_heads[0].shape[0] if self.k_heads else 0
@@ -399,7 +366,8 @@ def empty_matryoshka_cache(projection: KVProjection, ranks: torch.Tensor, method
 def matryoshka_cache(model, projection: KVProjection, ranks: torch.Tensor, method: str = "matryoshka"):
     """A method builder for :func:`shared.kv_eval.evaluate_methods`: re-runs the context prefill *through* the
     projection (attention in latent space, as MatryoshkaKV does), filling a latent cache; the prefill's own last
-    logits go on ``cache.prefill_logits``. Decode the result under :func:`latent_attention_impl`."""
+    logits go on ``cache.prefill_logits``. Decode the result inside :func:`shared.cache.base.attach` (as every
+    cache is decoded): the router hands each step to :meth:`MatryoshkaLayer.attend`."""
     projection.check_model(model)
 
     @torch.no_grad()
@@ -408,79 +376,43 @@ def matryoshka_cache(model, projection: KVProjection, ranks: torch.Tensor, metho
             raise ValueError("this PrefillRecord has no input_ids; record it with shared.cache.base.record_prefill")
         with projection.frozen():
             cache = empty_matryoshka_cache(projection, ranks, method)
-        with latent_attention_impl(model), attach(model, cache):
-            out = model(input_ids=record.input_ids, past_key_values=cache, use_cache=True)
+        mask = record.attention_mask
+        pos = None if mask is None else positions_from_mask(mask)
+        with attach(model, cache):
+            out = model(input_ids=record.input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True)
         cache.prefill_logits = out.logits[:, -1].float()
+        cache.kv_mask = mask
         return cache
 
     return build
 
 
-# ---- calibration: statistics of post-RoPE K and V ----------------------------------------------------------
-@torch.no_grad()
-def kv_statistics(model, batches: list[torch.Tensor], progress: bool = True) -> dict[str, torch.Tensor]:
-    """Per (layer, KV head) mean and covariance of post-RoPE keys and of values, read from the HF cache of each
-    batch of token ids ([B, T], no padding). Returns fp64 ``mean_k/mean_v`` [L, H, d], ``cov_k/cov_v`` [L, H, d, d]
-    and ``tokens``."""
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
+@dataclass
+class Matryoshka(KVMethod):
+    """Orthogonal per-KV-head projections with a latent cache (MatryoshkaKV-style), as a registered KV method.
 
-    if not batches:
-        raise ValueError("kv_statistics needs at least one batch of token ids")
-    sums: dict[str, torch.Tensor] = {}
-    n = 0
-    device = next(model.parameters()).device
-    for ids in tqdm(batches, desc="K/V statistics", disable=not progress, leave=False):
-        cache = DynamicCache()
-        model(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
-        for kind, attr in (("k", "keys"), ("v", "values")):
-            x = torch.stack([getattr(l, attr) for l in cache.layers]).double()      # [L, B, H, T, d]
-            x = x.permute(0, 2, 1, 3, 4).flatten(2, 3)                             # [L, H, N, d]
-            sums[f"s_{kind}"] = sums.get(f"s_{kind}", 0) + x.sum(2)
-            sums[f"ss_{kind}"] = sums.get(f"ss_{kind}", 0) + x.mT @ x
-        n += ids.numel()
-    out = {"tokens": torch.tensor(n)}
-    for kind in KV:
-        mean = sums[f"s_{kind}"] / n
-        out[f"mean_{kind}"] = mean
-        out[f"cov_{kind}"] = sums[f"ss_{kind}"] / n - mean[..., :, None] * mean[..., None, :]
-    return out
+    ``compression_ratio`` = 1 − budget (fraction of cached K/V channels removed). ``projection`` None → identity
+    bases (U = I, μ = 0: plain channel truncation, a data-free baseline); ``ranks`` None → uniform ranks at the
+    budget, which must lie on the rank grid; given ranks must have that budget."""
 
+    projection: KVProjection | None = None
+    ranks: torch.Tensor | None = None
+    needs: ClassVar[frozenset[str]] = frozenset({"projection", "fused"})
+    name: ClassVar[str] = "matryoshka"
 
-def fold_values(W_v: torch.Tensor, b_v: torch.Tensor | None, W_o: torch.Tensor, b_o: torch.Tensor | None,
-                bases: LayerBases, r_v: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, ...]:
-    """Fold U_V,r and μ_V into the value and output projections (math convention ``y = x·W``).
-
-    W_v [d_model, H·d] → [d_model, Σ r_h] (v' = x·W_v' + b_v' is the latent V'); W_o [Hq·d, d_model] →
-    [Σ_q r_h(q), d_model] with b_o' = b_o + Σ_q μ_V,h(q)·W_o,q. Returns (W_v', b_v', W_o', b_o')."""
-    H, d = bases.u_v.shape[0], bases.u_v.shape[1]
-    b_v = torch.zeros(H * d, dtype=W_v.dtype) if b_v is None else b_v
-    b_o = torch.zeros(W_o.shape[1], dtype=W_o.dtype) if b_o is None else b_o
-    Wv_new, bv_new, Wo_rows = [], [], []
-    for h in range(H):
-        U = bases.u_v[h, :, :int(r_v[h])].to(W_v.dtype)
-        Wv_new.append(W_v[:, h * d:(h + 1) * d] @ U)
-        bv_new.append((b_v[h * d:(h + 1) * d] - bases.mu_v[h].to(W_v.dtype)) @ U)
-    for q in range(H * n_rep):
-        h = q // n_rep
-        U = bases.u_v[h, :, :int(r_v[h])].to(W_o.dtype)
-        Wo_rows.append(U.T @ W_o[q * d:(q + 1) * d])
-        b_o = b_o + bases.mu_v[h].to(W_o.dtype) @ W_o[q * d:(q + 1) * d]
-    return torch.cat(Wv_new, 1), torch.cat(bv_new), torch.cat(Wo_rows, 0), b_o
-
-
-def channel_split(ranks: torch.Tensor, head_dim: int) -> dict[str, float]:
-    """Fraction of key and of value channels kept (the paper reports 32.28% / 42.72% at a 37.5% budget)."""
-    r = torch.as_tensor(ranks).double()
-    per = r[..., 0].numel() * head_dim
-    return {"key_fraction": float(r[..., 0].sum()) / per, "value_fraction": float(r[..., 1].sum()) / per}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).float().norm() / b.float().norm().clamp_min(1e-30))
-
-
-__all__ = ["NAME", "cayley", "inverse_cayley", "pca_basis", "default_step", "check_budget", "check_ranks",
-           "uniform_ranks", "budget_of", "sample_ranks", "LayerBases", "KVProjection", "project", "latent_attention",
-           "project_kv", "latent_attention_impl", "ProjectionHandle", "MatryoshkaLayer", "empty_matryoshka_cache",
-           "matryoshka_cache", "kv_statistics", "fold_values", "channel_split", "relative_error", "math"]
+    def compress(self, record: PrefillRecord) -> CompressedCache:
+        model = record.model
+        if model is None:
+            raise ValueError("this PrefillRecord has no model; record it with shared.cache.base.record_prefill")
+        n_layers, n_kv, _, d = (len(record.layers),) + tuple(record.layers[0].keys.shape[1:])
+        proj = self.projection if self.projection is not None else KVProjection(n_layers, n_kv, d)
+        budget = 1.0 - self.compression_ratio
+        if self.ranks is None:
+            ranks = uniform_ranks(proj.n_layers, proj.n_kv_heads, proj.head_dim, budget)
+        else:
+            ranks = check_ranks(self.ranks, proj.head_dim)
+            if abs(budget_of(ranks, proj.head_dim) - budget) > 1e-6:
+                raise ValueError(f"ranks keep {budget_of(ranks, proj.head_dim):.4f} of the channels but "
+                                 f"compression_ratio={self.compression_ratio} asks for {budget:.4f}")
+        return matryoshka_cache(model, proj, ranks, method=self.name)(record)

@@ -7,10 +7,9 @@ from shared.tasks.needle import needle, score_needle
 from shared.tasks.passkey import passkey, score_passkey
 from shared.tasks.perplexity import corpus_ids, corpus_text, perplexity, token_windows
 
-GENERATORS = {"passkey": passkey, "needle": needle, "longeval_lines": longeval_lines}
-SCORERS = {"passkey": score_passkey, "needle": score_needle, "longeval_lines": score_longeval}
+from shared.tasks.registry import TASKS, case_seed, make_case, make_cases, task_generator, task_scorer
 
 __all__ = ["ChatFrame", "PromptCase", "build_case", "first_integer", "last_integer", "LONGBENCH_E_TASKS",
            "LongBenchUnavailable", "load_longbench_e", "lines_for_tokens", "longeval_lines", "score_longeval",
-           "needle", "score_needle", "passkey", "score_passkey", "corpus_ids", "corpus_text", "perplexity", "token_windows", "GENERATORS",
-           "SCORERS", "ChoiceItem", "next_line_choice", "score_choice"]
+           "needle", "score_needle", "passkey", "score_passkey", "corpus_ids", "corpus_text", "perplexity", "token_windows", "TASKS",
+           "case_seed", "make_case", "make_cases", "task_generator", "task_scorer", "ChoiceItem", "next_line_choice", "score_choice"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from shared.cache.base import CompressedCache, attach, record_prefill
-from shared.cache.orthogonal import (KVProjection, budget_of, cayley, channel_split, check_budget, check_ranks,
-                                     empty_matryoshka_cache, fold_values, inverse_cayley, kv_statistics,
-                                     latent_attention_impl, matryoshka_cache, pca_basis, project, project_kv,
-                                     sample_ranks, uniform_ranks)
+from papers.matryoshka_kv.module import channel_split, fold_values, kv_statistics, sample_ranks
+from shared.cache.base import routed_attention
+from shared.cache.orthogonal import (KVProjection, budget_of, cayley, check_budget, check_ranks,
+                                     empty_matryoshka_cache, inverse_cayley, matryoshka_cache, pca_basis, project,
+                                     project_kv, uniform_ranks)
 from shared.kv_eval import decode_through, evaluate_methods
 from shared.tasks.base import PromptCase
 
@@ -91,7 +92,7 @@ def test_full_rank_cache_reproduces_token_by_token_decode(tiny_llama, projection
     ids = _ids(4, B=2, T=20)
     ref = tiny_llama(ids).logits
     cache = empty_matryoshka_cache(projection, uniform_ranks(L, H, D, 1.0))
-    with latent_attention_impl(tiny_llama):
+    with routed_attention(tiny_llama):
         logits = decode_through(tiny_llama, cache, ids, start_pos=0)
     assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4)
 
@@ -134,7 +135,7 @@ def test_incremental_decode_equals_full_projected_forward_mixed_ranks(tiny_llama
     with projection.frozen():
         cache = CompressedCache([__import__("shared.cache.orthogonal", fromlist=["MatryoshkaLayer"]).MatryoshkaLayer(
             projection.layer(i), ranks[i]) for i in range(L)], method="mkv")
-    with latent_attention_impl(tiny_llama):
+    with routed_attention(tiny_llama):
         # prefill 10 tokens through the projection, then decode the rest one at a time
         with attach(tiny_llama, cache):
             pre = tiny_llama(ids[:, :10], past_key_values=cache, use_cache=True).logits
@@ -152,7 +153,7 @@ def test_matryoshka_builder_in_evaluate_methods(tiny_llama, projection):
     cases = [PromptCase("toy", _ids(8, 1, 16)[0].tolist(), [5, 6], [7, 8, 9], "x") for _ in range(2)]
     builders = {"mkv_full": matryoshka_cache(tiny_llama, projection, uniform_ranks(L, H, D, 1.0)),
                 "mkv_half": matryoshka_cache(tiny_llama, projection, uniform_ranks(L, H, D, 0.5))}
-    with latent_attention_impl(tiny_llama):
+    with routed_attention(tiny_llama):
         rows = evaluate_methods(tiny_llama, cases, builders, batch_size=2)
     by = {(r["method"], r["case"]): r for r in rows}
     assert by[("mkv_full", 0)]["kl"] < 1e-6

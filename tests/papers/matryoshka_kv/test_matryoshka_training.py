@@ -6,8 +6,10 @@ import itertools
 import pytest
 import torch
 
-from papers.matryoshka_kv.module import MatryoshkaTraining, greedy_rank_search, kl_to, train_projection
-from shared.cache.orthogonal import KVProjection, budget_of, kv_statistics, project_kv, uniform_ranks
+from papers.matryoshka_kv.module import MatryoshkaTraining, greedy_rank_search, train_projection
+from shared.metrics import kl_divergence
+from papers.matryoshka_kv.module import kv_statistics
+from shared.cache.orthogonal import KVProjection, budget_of, project_kv, uniform_ranks
 from shared.partial_forward import capture_layer_inputs, forward_from
 
 L, H, D = 2, 2, 16
@@ -109,7 +111,7 @@ def test_greedy_picks_match_brute_force(tiny_llama, projection):
         r = uniform_ranks(L, H, D, 1.0)
         r[l, h, kv] -= d
         with project_kv(tiny_llama, projection, r):
-            errs[(l, h, kv)] = float(kl_to(base, tiny_llama(ids).logits))
+            errs[(l, h, kv)] = float(kl_divergence(base, tiny_llama(ids).logits))
     assert chosen == [list(min(errs, key=errs.get))]
 
 
