@@ -185,3 +185,31 @@ def summarize(rows: list[dict], keys: tuple[str, ...] = ("method",)) -> list[dic
                     "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
                     "bytes_ratio": sum(r["bytes"] for r in rs) / max(1, sum(r["full_bytes"] for r in rs))})
     return out
+
+
+def evaluate_task(model, tokenizer, task: str, context_tokens: int, n_cases: int, seed: int,
+                  methods: dict[str, MethodBuilder], protocol: str = "decode", batch_size: int = 4,
+                  labels: dict[str, dict] | None = None, cell=None, full_cache_min_accuracy: float | None = None
+                  ) -> list[dict]:
+    """One table cell group: ``n_cases`` seeded cases of a registered task at ``context_tokens``, every method (and
+    the full cache) scored on the same cases. Returns summary rows tagged with task/length/protocol and
+    ``labels[method]``; ``cell(name, metrics, params)`` logs each row (MLflow). With ``full_cache_min_accuracy``,
+    a full cache below it raises (the prompt format or model is broken: no method rows are published)."""
+    from shared.tasks.registry import make_cases
+
+    cases = make_cases(task, tokenizer, context_tokens, n_cases, seed)
+    rows = evaluate_methods(model, cases, methods, protocol=protocol, batch_size=batch_size,
+                            pad_token_id=tokenizer.pad_token_id or 0, desc=f"{task}@{context_tokens} {protocol}")
+    out = []
+    for s in summarize(rows):
+        s.update({"task": task, "length": context_tokens, "protocol": protocol, **(labels or {}).get(s["method"], {})})
+        if cell is not None:
+            cell(f"{task}/{context_tokens}/{protocol}/{s['method']}",
+                 {k: s[k] for k in ("accuracy", "answer_ppl", "kl", "top1", "bytes_ratio")}, s)
+        out.append(s)
+    full = next(r for r in out if r["method"] == "full")
+    if full_cache_min_accuracy is not None and full["accuracy"] < full_cache_min_accuracy:
+        raise RuntimeError(f"full-cache accuracy on {task}@{context_tokens} is {full['accuracy']:.2f} < "
+                           f"{full_cache_min_accuracy} (the range measured for the uncompressed model): refusing to "
+                           "publish method rows — check the prompt format / model before comparing methods")
+    return out

@@ -22,7 +22,37 @@ from pathlib import Path
 from shared.io import read_json, read_yaml, write_text_atomic
 from shared.paths import PAPERS_DIR, REPORTS_DIR
 
-VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "not comparable", "pending")
+VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "inconclusive", "not comparable", "pending")
+
+
+def verdict(strong: bool, weak: bool = False) -> str:
+    """The verdict of a rule fixed before the run: ``strong`` → reproduced, else ``weak`` → partially, else not."""
+    return "reproduced" if strong else ("partially reproduced" if weak else "not reproduced")
+
+
+def claim(claim_id: str, ours: str, strong: bool | None = None, weak: bool = False, note: str = "",
+          verdict_: str | None = None) -> dict:
+    """One claim row of a result file: our number (text), the verdict from the rule, the rule/setting as a note.
+    Pass ``strong``/``weak`` (see :func:`verdict`) or an explicit ``verdict_`` from :data:`VERDICTS`."""
+    v = verdict_ if verdict_ is not None else verdict(bool(strong), weak)
+    if v not in VERDICTS:
+        raise ValueError(f"claim {claim_id}: verdict must be one of {VERDICTS}, got {v!r}")
+    return {"id": claim_id, "ours": ours, "verdict": v, "note": note}
+
+
+def result_table(title: str, columns: list, rows: list[dict], claims: list[dict] = (), setting: str = "",
+                 table_ref: str | None = None, plot: dict | None = None, notes: list[str] = (), **extra) -> dict:
+    """A result file in the shape :func:`render` reads (see the module docstring)."""
+    if not columns:
+        raise ValueError("columns must not be empty")
+    out = {"title": title, "columns": [list(c) for c in columns], "rows": list(rows), "claims": list(claims),
+           "setting": setting, "notes": list(notes)}
+    if table_ref:
+        out["table_ref"] = table_ref
+    if plot:
+        out["plot"] = plot
+    out.update(extra)
+    return out
 
 
 def fmt(v) -> str:

@@ -101,10 +101,10 @@ class StageRun:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                            run_id=self.run_id)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), run_id=self.run_id)
+        mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
 
 @contextmanager

@@ -50,13 +50,14 @@ def activation_stats(X: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def init_factors(W: torch.Tensor, stats: dict, density: float, head_dim: int, num_kv_heads: int, init: str,
-                 per_head: bool, seed: int = 0) -> list[Factors]:
-    """One :class:`Factors` per layer for ``W`` [L, d_model, C] at CSKV's rank for ``density``."""
+                 per_head: bool, seed: int = 0, alpha: float = 0.5) -> list[Factors]:
+    """One :class:`Factors` per layer for ``W`` [L, d_model, C] at CSKV's rank for ``density`` (``alpha``: ASVD's
+    scaling exponent, S = diag(mean|x|^α))."""
     rank = rank_for_density(density, head_dim, num_kv_heads)
     groups = num_kv_heads if per_head else 1
     g = torch.Generator().manual_seed(seed)
     return [factorize(W[l], rank, groups, init, act_abs_mean=stats["abs_mean"][l], gram=stats["gram"][l],
-                      generator=g) for l in range(W.shape[0])]
+                      alpha=alpha, generator=g) for l in range(W.shape[0])]
 
 
 def reconstruction_error(X: torch.Tensor, W: torch.Tensor, factors: list[Factors]) -> float:
