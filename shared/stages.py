@@ -134,7 +134,7 @@ class Paper:
     """A paper's stages + params schema; ``main`` is its command line (``python -m papers.<id>.stages <stage>``)."""
 
     def __init__(self, paper_id: str, schema: type[BaseModel], module_file: str | Path,
-                 before_stage: Callable[[str], None] | None = None):
+                 before_stage: Callable[[str, BaseModel], None] | None = None):
         self.paper_id, self.schema = paper_id, schema
         self.package_dir = Path(module_file).resolve().parent
         self.stages: dict[str, StageFn] = {}
@@ -174,7 +174,7 @@ class Paper:
         paper_dir = paper_dir or self.paper_dir()
         params = params if params is not None else self.load_params(paper_dir / "params.yaml")
         if self.before_stage is not None:
-            self.before_stage(stage)
+            self.before_stage(stage, params)   # e.g. environment that must be set before imports
         ctx = StageContext(self.paper_id, stage, params, paper_dir)
         torch.manual_seed(ctx.seed)
         t0 = time.perf_counter()

@@ -36,28 +36,50 @@ def test_paper_folder_is_complete_and_self_contained(paper_id):
                 assert f"papers.{other}" not in text, f"{py} imports another paper folder ({other})"
 
 
-def test_cskv_params_validate():
-    from papers.cskv.stages import load_params
+def _paper(paper_id):
+    import importlib
 
-    p = load_params()
-    assert p["window"] >= 0 and 0 < p["ablation"]["ratio"] < 1
+    return importlib.import_module(f"papers.{paper_id}.stages").paper
 
 
-def test_cskv_params_validation_rejects_bad_values(tmp_path):
+@pytest.mark.parametrize("paper_id", PAPERS)
+def test_params_validate_with_the_runner(paper_id):
+    p = _paper(paper_id).load_params()
+    assert p.seed == 0 and p.model
+
+
+@pytest.mark.parametrize("paper_id", PAPERS)
+def test_unknown_param_key_is_rejected(paper_id, tmp_path):
     import yaml
 
-    from papers.cskv.stages import load_params
-
-    p = read_yaml(PAPERS_DIR / "cskv" / "params.yaml")
-    p["window"] = -1
+    p = read_yaml(PAPERS_DIR / paper_id / "params.yaml")
+    p["sede"] = 1                                   # a typo must not fall back to a default silently
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(p))
-    with pytest.raises(ValueError, match="window"):
-        load_params(Path(bad))
-    p["window"], p["eval"]["tasks"] = 32, ["trivia"]
+    with pytest.raises(ValueError, match=r"sede: unknown parameter"):
+        _paper(paper_id).load_params(bad)
+
+
+@pytest.mark.parametrize("path,value,match", [
+    (("window",), -1, r"window = -1: Input should be greater than or equal to 0"),
+    (("eval", "tasks"), ["trivia"], "unknown task"),
+    (("methods", "snapkv", "windw_size"), 8, r"has no parameter\(s\) \['windw_size'\]"),
+    (("methods", "h2o", "method"), "h3o", "unknown KV method 'h3o'"),
+    (("table1", "methods"), ["cskv", "nope"], r"\['nope'\] are not defined"),
+    (("ablation", "compression_ratio"), 1.0, "compression_ratio = 1.0"),
+])
+def test_cskv_params_validation_names_key_value_and_rule(tmp_path, path, value, match):
+    import yaml
+
+    p = read_yaml(PAPERS_DIR / "cskv" / "params.yaml")
+    node = p
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(p))
-    with pytest.raises(ValueError, match="unknown task"):
-        load_params(Path(bad))
+    with pytest.raises(ValueError, match=match):
+        _paper("cskv").load_params(Path(bad))
 
 
 def test_verdict_vocabulary_is_closed():
@@ -65,29 +87,25 @@ def test_verdict_vocabulary_is_closed():
 
 
 def test_matryoshka_params_validate():
-    from papers.matryoshka_kv.stages import load_params
-
-    p = load_params()
-    assert set(p["eval"]["choice"]["budgets"]) <= set(p["search"]["budgets"])
+    p = _paper("matryoshka_kv").load_params()
+    assert set(p.eval.choice.budgets) <= set(p.search.budgets)
 
 
 @pytest.mark.parametrize("path,value,match", [
     (("eval", "budgets"), [1.0, 1.5], "budget"),
-    (("eval", "methods"), ["pca_uniform", "h2o"], "h2o"),
+    (("eval", "methods"), ["pca_uniform", "h2o"], r"\['h2o'\] are not defined"),
     (("eval", "budgets"), [1.0, 0.625], "no searched ranks"),
     (("search", "budgets"), [0.0], "budget"),
 ])
 def test_matryoshka_params_reject_bad_values(tmp_path, path, value, match):
     import yaml
 
-    from papers.matryoshka_kv.stages import HERE, load_params
-
-    p = read_yaml(HERE / "params.yaml")
+    p = read_yaml(PAPERS_DIR / "matryoshka_kv" / "params.yaml")
     p[path[0]][path[1]] = value
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(p))
     with pytest.raises(ValueError, match=match):
-        load_params(f)
+        _paper("matryoshka_kv").load_params(f)
 
 
 def test_matryoshka_verdict_rules():

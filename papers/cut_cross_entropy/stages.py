@@ -6,24 +6,21 @@
     convergence  fine-tune SmolLM2-135M on Shakespeare with the baseline loss vs ours through the same
                  LightningModule, same seed and data order  → results/convergence.json
 
-Verdict rules are fixed here (``_memory_claims``, ``_convergence_claims``), before any result is seen.
+Verdict rules are fixed here (``_memory_claims``, ``_convergence_claims``), before any result is seen. The runner in
+``shared.stages`` owns params validation, MLflow, seeds and result files.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
-from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from shared.io import read_yaml, write_json
+from shared.stages import Paper, Params, StageContext
 
-PAPER = "cut_cross_entropy"
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 RESULT_FILES = ("memory.json", "convergence.json")
 MB = 2**20                                               # MiB, as torch.cuda.max_memory_allocated() / 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,54 +36,62 @@ ANALYTIC_REL_TOL = 0.05
 CCE_FW_BYTES_PER_TOKEN = 1.1 * MB / 8192
 
 
-def _positive_int(x, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-    return x
+LossImpl = Literal["torch", "torch_chunked", "triton"]   # papers.cut_cross_entropy.module.LOSS_IMPLS
 
 
-def _check_shape(s: dict, where: str) -> None:
-    if not isinstance(s, dict) or not {"name", "n", "d", "v"} <= set(s):
-        raise ValueError(f"{where} must be a mapping with name, n, d, v, got {s!r}")
-    for k in ("n", "d", "v"):
-        _positive_int(s[k], f"{where}.{k}")
+class Shape(Params):
+    name: str
+    n: int = Field(ge=1)
+    d: int = Field(ge=1)
+    v: int = Field(ge=1)
 
 
-def load_params(path: Path = HERE / "params.yaml") -> dict:
-    """Read and validate params.yaml; raise ``ValueError`` naming the bad value."""
-    from papers.cut_cross_entropy.module import LOSS_IMPLS
+class Memory(Params):
+    chunks: int = Field(ge=1)
+    measured_dtype: Literal["float32", "bfloat16", "float16"]
+    measured_shapes: list[Shape] = Field(min_length=1)
+    interpreter_shape: Shape
+    paper_shape: Shape
 
-    p = read_yaml(path)
-    _positive_int(p.get("threads"), "threads")
-    if not isinstance(p.get("seed"), int):
-        raise ValueError(f"seed must be an int, got {p.get('seed')!r}")
-    m = p["memory"]
-    _positive_int(m.get("chunks"), "memory.chunks")
-    if m.get("measured_dtype") not in DTYPES:
-        raise ValueError(f"memory.measured_dtype must be one of {sorted(DTYPES)}, got {m.get('measured_dtype')!r}")
-    if not m.get("measured_shapes"):
-        raise ValueError("memory.measured_shapes must list at least one shape")
-    for i, s in enumerate(m["measured_shapes"]):
-        _check_shape(s, f"memory.measured_shapes[{i}]")
-    _check_shape(m.get("interpreter_shape"), "memory.interpreter_shape")
-    _check_shape(m.get("paper_shape"), "memory.paper_shape")
-    c = p["convergence"]
-    for key in ("baseline", "impl"):
-        if c.get(key) not in LOSS_IMPLS:
-            raise ValueError(f"convergence.{key} must be one of {LOSS_IMPLS}, got {c.get(key)!r}")
-    if c["baseline"] == c["impl"]:
-        raise ValueError(f"convergence.impl must differ from convergence.baseline, both are {c['impl']!r}")
-    for key in ("trainable_blocks", "seq_len", "batch_size", "steps", "distinct_batches", "val_batches"):
-        _positive_int(c.get(key), f"convergence.{key}")
-    if c["seq_len"] < 2:
-        raise ValueError(f"convergence.seq_len must be >= 2, got {c['seq_len']}")
-    if not (isinstance(c.get("lr"), (int, float)) and 0 < c["lr"] < 1):
-        raise ValueError(f"convergence.lr must be in (0, 1), got {c.get('lr')!r}")
-    if not (isinstance(c.get("weight_decay"), (int, float)) and c["weight_decay"] >= 0):
-        raise ValueError(f"convergence.weight_decay must be >= 0, got {c.get('weight_decay')!r}")
-    if c.get("chunk_size") is not None:
-        _positive_int(c["chunk_size"], "convergence.chunk_size")
-    return p
+
+class Convergence(Params):
+    baseline: LossImpl
+    impl: LossImpl
+    trainable_blocks: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    distinct_batches: int = Field(ge=1)
+    val_batches: int = Field(ge=1)
+    lr: float = Field(gt=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    chunk_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _differ(self):
+        if self.baseline == self.impl:
+            raise ValueError(f"convergence.impl must differ from convergence.baseline, both are {self.impl!r}")
+        return self
+
+
+class CCEParams(Params):
+    seed: int
+    model: str
+    threads: int = Field(ge=1)
+    memory: Memory
+    convergence: Convergence
+
+
+def _before(stage: str, params: CCEParams) -> None:
+    if stage == "memory" and not torch.cuda.is_available():
+        # The CCE kernel runs under the Triton CPU interpreter (tiny shape only). The variable must be set before
+        # `triton` is first imported (the stage bodies import it through kernels/lightning), or the kernels break.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(params.threads)
+
+
+paper = Paper("cut_cross_entropy", CCEParams, __file__, before_stage=_before)
+main = paper.main
 
 
 # ---- memory ------------------------------------------------------------------------------------------------
@@ -101,40 +106,40 @@ def _mem_row(shape: dict, impl: str, dtype: str, method: str, mem, analytic=None
     return row
 
 
-def stage_memory(p: dict) -> None:
+@paper.stage("memory")
+def stage_memory(ctx: StageContext) -> dict:
     from papers.cut_cross_entropy.memory import analytic_loss_memory, measure_loss_memory
-    from shared.tracking import stage_run
 
+    p = ctx.params.model_dump()
     m = p["memory"]
     dtype = DTYPES[m["measured_dtype"]]
     dbytes = torch.finfo(dtype).bits // 8
     plan = [(s, impl) for s in m["measured_shapes"] for impl in ("torch", "torch_chunked")]
     plan += [(m["interpreter_shape"], impl) for impl in ("torch", "torch_chunked", "triton")]
     rows = []
-    with stage_run(PAPER, "memory", p, p["seed"]) as run:
-        for shape, impl in plan:
-            chunk = math.ceil(shape["n"] / m["chunks"]) if impl == "torch_chunked" else None
-            mem, sec = measure_loss_memory(impl, shape["n"], shape["d"], shape["v"], dtype, chunk, p["seed"])
-            ana = analytic_loss_memory(impl, shape["n"], shape["d"], shape["v"], dbytes, chunk)
-            row = _mem_row(shape, impl, m["measured_dtype"], "measured", mem, ana, sec, chunk)
-            rows.append(row)
-            run.cell(f"{shape['name']}-n{shape['n']}-{impl}",
-                     {k: v for k, v in row.items() if isinstance(v, float)}, {"shape": shape, "impl": impl})
-            print(f"{shape['name']} N={shape['n']} {impl}: fw {row['fw_peak_mb']:.3f} MB, fw+bw "
-                  f"{row['fwbw_peak_mb']:.3f} MB (analytic {row['analytic_fw_mb']:.3f} / "
-                  f"{row['analytic_fwbw_mb']:.3f}) {sec:.1f}s", flush=True)
-        ps = m["paper_shape"]
-        for impl in ("torch", "torch_chunked", "triton"):
-            chunk = math.ceil(ps["n"] / m["chunks"]) if impl == "torch_chunked" else None
-            ana = analytic_loss_memory(impl, ps["n"], ps["d"], ps["v"], 2, chunk)
-            row = _mem_row(ps, impl, "bfloat16", "analytic", ana, chunk=chunk)
-            row["paper_fw_mb"] = PAPER_GEMMA.get(impl, {}).get("fw")
-            row["paper_fwbw_mb"] = PAPER_GEMMA.get(impl, {}).get("fwbw")
-            rows.append(row)
-        claims = _memory_claims(rows)
-        run.log_metrics({f"paper_shape.{r['impl']}.{k}": r[k] for r in rows if r["method"] == "analytic"
-                         for k in ("fw_peak_mb", "fwbw_peak_mb")})
-    write_json(RESULTS / "memory.json", {
+    for shape, impl in plan:
+        chunk = math.ceil(shape["n"] / m["chunks"]) if impl == "torch_chunked" else None
+        mem, sec = measure_loss_memory(impl, shape["n"], shape["d"], shape["v"], dtype, chunk, p["seed"])
+        ana = analytic_loss_memory(impl, shape["n"], shape["d"], shape["v"], dbytes, chunk)
+        row = _mem_row(shape, impl, m["measured_dtype"], "measured", mem, ana, sec, chunk)
+        rows.append(row)
+        ctx.cell(f"{shape['name']}-n{shape['n']}-{impl}",
+                 {k: v for k, v in row.items() if isinstance(v, float)}, {"shape": shape, "impl": impl})
+        print(f"{shape['name']} N={shape['n']} {impl}: fw {row['fw_peak_mb']:.3f} MB, fw+bw "
+              f"{row['fwbw_peak_mb']:.3f} MB (analytic {row['analytic_fw_mb']:.3f} / "
+              f"{row['analytic_fwbw_mb']:.3f}) {sec:.1f}s", flush=True)
+    ps = m["paper_shape"]
+    for impl in ("torch", "torch_chunked", "triton"):
+        chunk = math.ceil(ps["n"] / m["chunks"]) if impl == "torch_chunked" else None
+        ana = analytic_loss_memory(impl, ps["n"], ps["d"], ps["v"], 2, chunk)
+        row = _mem_row(ps, impl, "bfloat16", "analytic", ana, chunk=chunk)
+        row["paper_fw_mb"] = PAPER_GEMMA.get(impl, {}).get("fw")
+        row["paper_fwbw_mb"] = PAPER_GEMMA.get(impl, {}).get("fwbw")
+        rows.append(row)
+    claims = _memory_claims(rows)
+    ctx.log_metrics({f"paper_shape.{r['impl']}.{k}": r[k] for r in rows if r["method"] == "analytic"
+                     for k in ("fw_peak_mb", "fwbw_peak_mb")})
+    return {"memory.json": {
         "title": "Table 1 analogue — memory of the loss computation (fw) and of the classifier head (fw+bw)",
         "table_ref": "Table 1",
         "setting": (f"`measured`: CPU, {m['measured_dtype']}, random e ~ N(0,1), c ~ N(0,1/D); every tensor "
@@ -156,7 +161,7 @@ def stage_memory(p: dict) -> None:
                   "overlap); for bf16 it is approximate. The CCE analytic forward (LSE + target logit) omits the "
                   "kernel's per-split (max, sum, logit) scratch, which the interpreter measurement includes.",
                   "No GPU was available: time columns of Table 1 and GPU peak memory are `make bench-gpu` "
-                  "(kernels/bench/linear_cross_entropy_bench.py), not measured here."]})
+                  "(kernels/bench/linear_cross_entropy_bench.py), not measured here."]}}
 
 
 def _memory_claims(rows: list[dict]) -> list[dict]:
@@ -204,9 +209,9 @@ def _memory_claims(rows: list[dict]) -> list[dict]:
 def _windows(tokenizer, split: str, seq_len: int, count: int, seed: int | None, max_chars: int = 1_000_000):
     """``count`` non-overlapping ``seq_len``-token windows of a corpus split (shuffled with ``seed``; in order if
     ``seed`` is None)."""
-    from shared.tasks.perplexity import corpus_text
+    from shared.tasks.perplexity import corpus_ids
 
-    ids = torch.tensor(tokenizer(corpus_text(split)[:max_chars], add_special_tokens=False)["input_ids"])
+    ids = corpus_ids(tokenizer, split, max_chars)
     n = ids.numel() // seq_len
     if n < count:
         raise ValueError(f"the {split} split gives {n} windows of {seq_len} tokens, fewer than the {count} needed")
@@ -229,15 +234,15 @@ def moving_average(xs: list[float], window: int = 10) -> list[float]:
     return out
 
 
-def stage_convergence(p: dict) -> None:
+@paper.stage("convergence")
+def stage_convergence(ctx: StageContext) -> dict:
     from papers.cut_cross_entropy.module import (CausalLMFineTune, fine_tune, freeze_all_but_last,
                                                  frozen_prefix_hidden, trainable_suffix)
-    from shared.models import load_model
-    from shared.tracking import lightning_logger, stage_run
 
+    p = ctx.params.model_dump()
     c = p["convergence"]
     t_start = time.perf_counter()
-    model, tok, spec = load_model(p["model"])
+    model, tok, spec = ctx.model()
     n_frozen = spec.num_layers - c["trainable_blocks"]
     if n_frozen < 1:
         raise ValueError(f"convergence.trainable_blocks must be < the model's {spec.num_layers} layers, got "
@@ -258,43 +263,42 @@ def stage_convergence(p: dict) -> None:
     prefix_seconds = time.perf_counter() - t0
     print(f"frozen prefix ({n_frozen} blocks) on {len(train) + len(val)} batches: {prefix_seconds:.1f}s", flush=True)
     runs: dict[str, dict] = {}
-    with stage_run(PAPER, "convergence", p, p["seed"]) as run:
-        for impl in (c["baseline"], c["impl"]):
-            suffix = trainable_suffix(model, n_frozen)
-            trainable = freeze_all_but_last(suffix, c["trainable_blocks"])
-            evaluator = CausalLMFineTune(suffix, impl=impl, chunk_size=c["chunk_size"])
-            val_before = evaluator.evaluate(val)
-            t1 = time.perf_counter()
-            module = fine_tune(suffix, train, impl, c["steps"], c["lr"], seed=p["seed"],
-                               weight_decay=c["weight_decay"], chunk_size=c["chunk_size"],
-                               logger=lightning_logger(PAPER, f"convergence/{impl}"), progress=False)
-            train_seconds = time.perf_counter() - t1
-            runs[impl] = {"losses": module.step_losses, "val_before": val_before, "val_after": module.evaluate(val),
-                          "seconds": train_seconds, "sec_per_step": train_seconds / c["steps"],
-                          "trainable_params": sum(pp.numel() for pp in suffix.parameters() if pp.requires_grad),
-                          "trainable": trainable}
-            print(f"{impl}: loss {module.step_losses[0]:.4f} → {module.step_losses[-1]:.4f}, val "
-                  f"{val_before:.4f} → {runs[impl]['val_after']:.4f}, {train_seconds:.1f}s", flush=True)
-        base, ours = runs[c["baseline"]], runs[c["impl"]]
-        ma_b, ma_o = moving_average(base["losses"]), moving_average(ours["losses"])
-        summary = {"max_abs_gap": max(abs(a - b) for a, b in zip(base["losses"], ours["losses"])),
-                   "max_ma10_gap": max(abs(a - b) for a, b in zip(ma_b, ma_o)),
-                   "final_ma10_baseline": ma_b[-1], "final_ma10_ours": ma_o[-1],
-                   "final_rel_diff": abs(ma_o[-1] - ma_b[-1]) / abs(ma_b[-1]),
-                   "val_after_baseline": base["val_after"], "val_after_ours": ours["val_after"],
-                   "val_before": base["val_before"], "prefix_seconds": prefix_seconds,
-                   "stage_seconds": time.perf_counter() - t_start}
-        run.log_metrics(summary)
-        for impl, r in runs.items():
-            run.cell(f"convergence/{impl}", {"val_before": r["val_before"], "val_after": r["val_after"],
-                                             "final_loss": r["losses"][-1], "seconds": r["seconds"]}, {"impl": impl})
+    for impl in (c["baseline"], c["impl"]):
+        suffix = trainable_suffix(model, n_frozen)
+        trainable = freeze_all_but_last(suffix, c["trainable_blocks"])
+        evaluator = CausalLMFineTune(suffix, impl=impl, chunk_size=c["chunk_size"])
+        val_before = evaluator.evaluate(val)
+        t1 = time.perf_counter()
+        module = fine_tune(suffix, train, impl, c["steps"], c["lr"], seed=p["seed"],
+                           weight_decay=c["weight_decay"], chunk_size=c["chunk_size"],
+                           logger=ctx.lightning_logger(f"convergence/{impl}"), progress=False)
+        train_seconds = time.perf_counter() - t1
+        runs[impl] = {"losses": module.step_losses, "val_before": val_before, "val_after": module.evaluate(val),
+                      "seconds": train_seconds, "sec_per_step": train_seconds / c["steps"],
+                      "trainable_params": sum(pp.numel() for pp in suffix.parameters() if pp.requires_grad),
+                      "trainable": trainable}
+        print(f"{impl}: loss {module.step_losses[0]:.4f} → {module.step_losses[-1]:.4f}, val "
+              f"{val_before:.4f} → {runs[impl]['val_after']:.4f}, {train_seconds:.1f}s", flush=True)
+    base, ours = runs[c["baseline"]], runs[c["impl"]]
+    ma_b, ma_o = moving_average(base["losses"]), moving_average(ours["losses"])
+    summary = {"max_abs_gap": max(abs(a - b) for a, b in zip(base["losses"], ours["losses"])),
+               "max_ma10_gap": max(abs(a - b) for a, b in zip(ma_b, ma_o)),
+               "final_ma10_baseline": ma_b[-1], "final_ma10_ours": ma_o[-1],
+               "final_rel_diff": abs(ma_o[-1] - ma_b[-1]) / abs(ma_b[-1]),
+               "val_after_baseline": base["val_after"], "val_after_ours": ours["val_after"],
+               "val_before": base["val_before"], "prefix_seconds": prefix_seconds,
+               "stage_seconds": time.perf_counter() - t_start}
+    ctx.log_metrics(summary)
+    for impl, r in runs.items():
+        ctx.cell(f"convergence/{impl}", {"val_before": r["val_before"], "val_after": r["val_after"],
+                                         "final_loss": r["losses"][-1], "seconds": r["seconds"]}, {"impl": impl})
     rows = []
     for impl, r in runs.items():
         ma = moving_average(r["losses"])
         for step in range(9, len(ma), 10):
             rows.append({"step": step + 1, "impl": impl, "loss": r["losses"][step], "loss_ma10": ma[step]})
     n_params = runs[c["impl"]]["trainable_params"]
-    write_json(RESULTS / "convergence.json", {
+    return {"convergence.json": {
         "title": "Convergence — fine-tuning with the baseline loss vs ours (same module, seed, data order)",
         "table_ref": "§5 (training convergence)",
         "setting": (f"{p['model']} on Shakespeare train, {c['distinct_batches']} batches of {bs}×{T} tokens cycled "
@@ -319,7 +323,7 @@ def stage_convergence(p: dict) -> None:
                   f"ours {summary['val_after_ours']:.4f} after",
                   "The batches repeat every "
                   f"{c['distinct_batches']} steps, so the training loss falls partly by memorisation; the claim is "
-                  "about the two curves matching, not about the loss level."]})
+                  "about the two curves matching, not about the loss level."]}}
 
 
 def _convergence_claims(summary: dict, impl: str) -> list[dict]:
@@ -338,26 +342,5 @@ def _convergence_claims(summary: dict, impl: str) -> list[dict]:
                          "kernel's effect on convergence needs a GPU" if impl != "triton" else ""))}]
 
 
-STAGES = {"memory": stage_memory, "convergence": stage_convergence}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Cut Cross-Entropy pipeline stages")
-    ap.add_argument("stage", choices=sorted(STAGES))
-    ap.add_argument("--params", default=str(HERE / "params.yaml"))
-    args = ap.parse_args(argv)
-    if args.stage == "memory" and not torch.cuda.is_available():
-        # The CCE kernel runs under the Triton CPU interpreter (tiny shape only). The variable must be set before
-        # `triton` is first imported (lightning imports it, via load_params -> module), or the kernels break.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    p = load_params(Path(args.params))
-    torch.set_num_threads(p["threads"])
-    torch.manual_seed(p["seed"])
-    t0 = time.perf_counter()
-    STAGES[args.stage](p)
-    print(f"stage {args.stage} done in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from kernels.quant import dequantize_int4, quantize_int4
@@ -247,6 +247,7 @@ class LowRank(KVMethod):
     quantize: bool = False
     impl: str = "torch"
     per_head: bool = False
+    _svd: dict = field(default_factory=dict, init=False, repr=False)
     needs: ClassVar[frozenset[str]] = frozenset({"factors", "fused"})
     name: ClassVar[str] = "lowrank"
 
@@ -257,9 +258,25 @@ class LowRank(KVMethod):
         if self.impl not in ("torch", "triton"):
             raise ValueError(f"impl must be 'torch' or 'triton', got {self.impl!r}")
 
+    def _factors(self, model) -> list:
+        if self.factors is not None:
+            return self.factors
+        if id(model) not in self._svd:
+            self._svd[id(model)] = svd_factors(model, 1.0 - self.compression_ratio, self.per_head)
+        return self._svd[id(model)]
+
+    def full_sequence(self, model):
+        """Always-compressed form (window 0 only): every k_proj/v_proj weight is its rank-r approximation (A·B)ᵀ."""
+        from shared.cache.decompose import dense_factors
+
+        if self.window != 0 or self.quantize:
+            raise ValueError(f"lowrank has a full-sequence form only without exact window and quantization; got "
+                             f"window={self.window}, quantize={self.quantize}")
+        return dense_factors(model, self._factors(model))
+
     def compress(self, record: PrefillRecord) -> CompressedCache:
         density = 1.0 - self.compression_ratio
-        factors = self.factors if self.factors is not None else svd_factors(record.model, density, self.per_head)
+        factors = self._factors(record.model)
         n_kv, head_dim = record.layers[0].keys.shape[1], record.layers[0].keys.shape[-1]
         fk, fv = factors[0]
         got = (fk.rank + fv.rank) / (2 * n_kv * head_dim)

@@ -401,11 +401,7 @@ class Matryoshka(KVMethod):
     needs: ClassVar[frozenset[str]] = frozenset({"projection", "fused"})
     name: ClassVar[str] = "matryoshka"
 
-    def compress(self, record: PrefillRecord) -> CompressedCache:
-        model = record.model
-        if model is None:
-            raise ValueError("this PrefillRecord has no model; record it with shared.cache.base.record_prefill")
-        n_layers, n_kv, _, d = (len(record.layers),) + tuple(record.layers[0].keys.shape[1:])
+    def _resolve(self, n_layers: int, n_kv: int, d: int) -> tuple[KVProjection, torch.Tensor]:
         proj = self.projection if self.projection is not None else KVProjection(n_layers, n_kv, d)
         budget = 1.0 - self.compression_ratio
         if self.ranks is None:
@@ -415,4 +411,21 @@ class Matryoshka(KVMethod):
             if abs(budget_of(ranks, proj.head_dim) - budget) > 1e-6:
                 raise ValueError(f"ranks keep {budget_of(ranks, proj.head_dim):.4f} of the channels but "
                                  f"compression_ratio={self.compression_ratio} asks for {budget:.4f}")
+        return proj, ranks
+
+    @contextmanager
+    def full_sequence(self, model):
+        """Every attention call of ``model`` projects its own K/V/Q at the ranks (:func:`project_kv`)."""
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        proj, ranks = self._resolve(len(attention_modules(model)), cfg.num_key_value_heads, hd)
+        with proj.frozen(), project_kv(model, proj, ranks) as handle:
+            yield handle
+
+    def compress(self, record: PrefillRecord) -> CompressedCache:
+        model = record.model
+        if model is None:
+            raise ValueError("this PrefillRecord has no model; record it with shared.cache.base.record_prefill")
+        n_layers, n_kv, _, d = (len(record.layers),) + tuple(record.layers[0].keys.shape[1:])
+        proj, ranks = self._resolve(n_layers, n_kv, d)
         return matryoshka_cache(model, proj, ranks, method=self.name)(record)

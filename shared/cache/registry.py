@@ -63,6 +63,12 @@ class KVMethod:
     def compress(self, record: PrefillRecord) -> CompressedCache:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def full_sequence(self, model):
+        """A context in which plain full-sequence forwards of ``model`` see this compression in every attention
+        call (teacher-forced perplexity/KL without a cache); only methods with such a form implement it."""
+        raise ValueError(f"KV method {self.name!r} has no full-sequence form (it compresses a prefilled cache); "
+                         "evaluate it through a cache (shared.kv_eval)")
+
     def params(self) -> dict:
         """The method's parameters as plain values (for logging)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

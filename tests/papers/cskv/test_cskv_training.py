@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from papers.cskv.module import (LayerwiseLowRank, activation_stats, init_factors, reconstruction_error,
                                 train_factors)
-from papers.cskv.stages import factor_name, load_params, needed_factor_sets
+from papers.cskv.stages import density, factor_name, needed_factor_sets, paper
 from shared.cache.decompose import factorize
 from shared.paths import REPO_ROOT
 
@@ -68,13 +68,16 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
 
 
 def test_factor_sets_cover_every_table_method():
-    p = load_params()
+    p = paper.load_params()
     names = {fs["name"] for fs in needed_factor_sets(p)}
-    d = round(1 - p["ablation"]["ratio"], 6)
+    d = density(p.ablation.compression_ratio)
     for kind in ("k", "v"):
-        assert factor_name(kind, p["train"]["init"], d, False, True, True) in names  # Table 5 QAT
+        assert factor_name(kind, p.train.init, d, False, True, True) in names  # Table 5 QAT
         for init in ("random", "svd", "asvd"):
             assert factor_name(kind, init, d, False, False) in names and factor_name(kind, init, d, False, True) in names
-    for dk, dv in p["ablation"]["kv_densities"]:
-        assert factor_name("k", p["train"]["init"], dk, False, True) in names
-        assert factor_name("v", p["train"]["init"], dv, False, True) in names
+        for r in p.table1.compression_ratios:                               # Table 1's low-rank rows
+            assert factor_name(kind, p.train.init, density(r), True, True) in names      # cskv_per_head
+            assert factor_name(kind, "whitened", density(r), False, False) in names
+    for dk, dv in p.ablation.kv_densities:
+        assert factor_name("k", p.train.init, dk, False, True) in names
+        assert factor_name("v", p.train.init, dv, False, True) in names

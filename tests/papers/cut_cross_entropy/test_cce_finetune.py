@@ -8,7 +8,7 @@ import yaml
 from papers.cut_cross_entropy.memory import analytic_loss_memory, measure_loss_memory
 from papers.cut_cross_entropy.module import (CausalLMFineTune, fine_tune, freeze_all_but_last, frozen_prefix_hidden,
                                              trainable_suffix)
-from papers.cut_cross_entropy.stages import _convergence_claims, load_params, moving_average
+from papers.cut_cross_entropy.stages import _convergence_claims, moving_average, paper
 from shared.io import read_yaml
 from shared.paths import PAPERS_DIR
 
@@ -148,8 +148,8 @@ def test_bad_module_arguments_raise(tiny_lm):
 
 
 def test_params_validate_and_reject_bad_values(tmp_path):
-    p = load_params()
-    assert p["convergence"]["impl"] != p["convergence"]["baseline"]
+    p = paper.load_params()
+    assert p.convergence.impl != p.convergence.baseline
     bad = tmp_path / "params.yaml"
     for path, value, match in [(("convergence", "impl"), "cce", "convergence.impl"),
                                (("convergence", "steps"), 0, "convergence.steps"),
@@ -160,7 +160,7 @@ def test_params_validate_and_reject_bad_values(tmp_path):
         q[path[0]][path[1]] = value
         bad.write_text(yaml.safe_dump(q))
         with pytest.raises(ValueError, match=match):
-            load_params(bad)
+            paper.load_params(bad)
 
 
 def test_convergence_verdict_rule():
