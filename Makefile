@@ -32,7 +32,10 @@ repro: data
 test: data
 	$(BIN)/python -m pytest
 
+# MLflow 3 opens experiments on its GenAI page: the links printed first open each paper's runs table directly.
 ui: setup
+	@echo "Runs tables (open after the server starts):"
+	@$(BIN)/python -m shared.tracking links --host http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
 # GPU benchmarks (run on a CUDA machine); each writes JSON + a markdown table under reports/.

@@ -119,9 +119,46 @@ def stage_run(paper_id: str, stage: str, params: dict, seed: int | None = None) 
 
 
 def lightning_logger(paper_id: str, run_name: str):
-    """Lightning's ``MLFlowLogger`` on the same store (``tracking_uri`` passed, or it would write ./mlruns)."""
+    """Lightning's ``MLFlowLogger`` on the same store (``tracking_uri`` passed, or it would write ./mlruns). Inside a
+    stage run the Lightning run is created as its nested child, so the UI shows it under the stage."""
+    import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
-    ensure_experiment(paper_id)
-    return MLFlowLogger(experiment_name=paper_id, run_name=run_name, tracking_uri=tracking_uri(),
+    exp_id = ensure_experiment(paper_id)
+    parent = mlflow.active_run()
+    run_id = None
+    if parent is not None:
+        child = mlflow.tracking.MlflowClient(tracking_uri()).create_run(
+            exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent.info.run_id, "lightning": "true"})
+        run_id = child.info.run_id
+    return MLFlowLogger(experiment_name=paper_id, run_name=run_name, tracking_uri=tracking_uri(), run_id=run_id,
                         artifact_location=(artifact_root() / paper_id).as_uri())
+
+
+def runs_table_links(host: str = "http://127.0.0.1:5000") -> dict[str, str]:
+    """Direct link to each experiment's runs table. MLflow 3's UI opens an experiment on its GenAI "Overview /
+    Traces" page; ``workflowType=machine_learning`` opens the classic runs table instead."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    return {e.name: f"{host}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning"
+            for e in client.search_experiments() if e.name != "Default"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="MLflow helpers: print each paper's runs-table link")
+    ap.add_argument("command", choices=["links"])
+    ap.add_argument("--host", default="http://127.0.0.1:5000")
+    args = ap.parse_args(argv)
+    links = runs_table_links(args.host)
+    if not links:
+        print("no experiments yet: run a paper first (`dvc repro papers/cskv`)")
+    for name, url in links.items():
+        print(f"  {name:<22} {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

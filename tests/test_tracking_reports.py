@@ -63,3 +63,20 @@ def test_report_rejects_unknown_verdict_and_missing_results(tmp_path):
 def test_markdown_table_needs_columns():
     with pytest.raises(ValueError):
         reports.markdown_table([], [])
+
+
+def test_lightning_runs_nest_under_the_stage_run_and_links_open_the_runs_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRISE_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("REPRISE_MLFLOW_ARTIFACTS", str(tmp_path / "art"))
+    import mlflow
+
+    with tracking.stage_run("demo", "train", {}, seed=0) as run:
+        logger = tracking.lightning_logger("demo", "train/lightning")
+        logger.log_metrics({"loss": 1.0}, step=0)
+        logger.finalize("success")
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    child = client.get_run(logger.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == run.run_id and child.data.metrics["loss"] == 1.0
+    links = tracking.runs_table_links("http://h:5000")
+    exp = client.get_experiment_by_name("demo")
+    assert links == {"demo": f"http://h:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"}
