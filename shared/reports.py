@@ -151,8 +151,14 @@ def render(paper_id: str, papers_dir: Path = PAPERS_DIR, reports_dir: Path = REP
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Render reports/<paper>.md from a paper's result files")
     ap.add_argument("paper_id")
+    ap.add_argument("--no-track", action="store_true", help="do not log the report to MLflow")
     args = ap.parse_args(argv)
-    print(render(args.paper_id))
+    out = render(args.paper_id)                       # the file first ...
+    print(out)
+    if not args.no_track:                             # ... then MLflow (a `report` run in the paper's experiment)
+        from shared.tracking import log_report
+
+        log_report(args.paper_id, out, sorted((out.parent / args.paper_id).glob("*.png")))
     return 0
 
 

@@ -17,17 +17,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared.paths import REPO_ROOT
+from shared.paths import CORPORA_DIR, REPO_ROOT, STORE_ROOT
 
 TRACKED_PACKAGES = ("torch", "transformers", "lightning", "triton", "mlflow", "dvc", "datasets")
 
 
 def tracking_uri() -> str:
-    return os.environ.get("REPRISE_MLFLOW_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}")
+    return os.environ.get("REPRISE_MLFLOW_URI", f"sqlite:///{STORE_ROOT / 'mlflow.db'}")
 
 
 def artifact_root() -> Path:
-    return Path(os.environ.get("REPRISE_MLFLOW_ARTIFACTS", REPO_ROOT / "mlartifacts"))
+    return Path(os.environ.get("REPRISE_MLFLOW_ARTIFACTS", STORE_ROOT / "mlartifacts"))
 
 
 def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
@@ -115,7 +115,44 @@ def stage_run(paper_id: str, stage: str, params: dict, seed: int | None = None) 
     exp_id = ensure_experiment(paper_id)
     with mlflow.start_run(run_name=stage, experiment_id=exp_id, tags=provenance_tags(stage, seed)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        log_corpus(CORPORA_DIR / "shakespeare")
         yield StageRun(run, exp_id)
+
+
+def log_corpus(folder: Path, name: str = "shakespeare") -> bool:
+    """Log the corpus a stage read as an MLflow dataset input (digest = sha256 of its manifest) and its manifest as
+    the ``data/manifest.json`` artifact of the active run. False (nothing logged) when the corpus is not fetched."""
+    import hashlib
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    import warnings
+
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    with warnings.catch_warnings():   # a file:// URI resolves to LocalArtifactDatasetSource (MLflow warns it is ambiguous)
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(folder).as_uri())
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="corpus")
+    mlflow.log_artifact(str(manifest), artifact_path="data")
+    return True
+
+
+def log_report(paper_id: str, report: Path, figures: list[Path]) -> str:
+    """A ``report`` run in the paper's experiment holding the rendered report and its plots (one per publish)."""
+    import mlflow
+
+    exp_id = ensure_experiment(paper_id)
+    with mlflow.start_run(run_name="report", experiment_id=exp_id, tags=provenance_tags("papers/" + paper_id,
+                                                                                        None)) as run:
+        mlflow.log_artifact(str(report), artifact_path="report")
+        for fig in figures:
+            mlflow.log_artifact(str(fig), artifact_path="report/figures")
+        return run.info.run_id
 
 
 def lightning_logger(paper_id: str, run_name: str):

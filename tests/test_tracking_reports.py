@@ -80,3 +80,38 @@ def test_lightning_runs_nest_under_the_stage_run_and_links_open_the_runs_table(t
     links = tracking.runs_table_links("http://h:5000")
     exp = client.get_experiment_by_name("demo")
     assert links == {"demo": f"http://h:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"}
+
+
+def test_stage_run_logs_the_corpus_as_dataset_input_and_manifest_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRISE_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("REPRISE_MLFLOW_ARTIFACTS", str(tmp_path / "art"))
+    import mlflow
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text('{"files": []}')
+    monkeypatch.setattr(tracking, "CORPORA_DIR", tmp_path)
+    with tracking.stage_run("demo", "calibrate", {}, seed=0):
+        import mlflow as m
+
+        tracking.log_corpus(corpus, name="toy-corpus")
+        run_id = m.active_run().info.run_id
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    run = client.get_run(run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["toy-corpus"]
+    assert [a.path for a in client.list_artifacts(run_id, "data")] == ["data/manifest.json"]
+    assert tracking.log_corpus(tmp_path / "missing") is False
+
+
+def test_report_run_holds_the_rendered_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRISE_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("REPRISE_MLFLOW_ARTIFACTS", str(tmp_path / "art"))
+    import mlflow
+
+    md, png = tmp_path / "demo.md", tmp_path / "t1.png"
+    md.write_text("# report\n")
+    png.write_bytes(b"png")
+    run_id = tracking.log_report("demo", md, [png])
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run_id).info.run_name == "report"
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/demo.md", "report/figures"}
