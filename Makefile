@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # DVC stage commands call `python`: make it the project venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data repro test ui bench-gpu clean-results
+.PHONY: setup data repro test ui ui-check bench-gpu clean-results
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ ui: setup
 	@echo "Runs tables (open after the server starts):"
 	@$(BIN)/python -m shared.tracking links --host http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# The UI as a user meets it: headless Chromium (Debian: apt-get install chromium) opens `make ui`'s runs-table link on
+# a temporary store and checks the runs table renders; the screenshot is kept in reports/mlflow_ui.png.
+ui-check: setup
+	REPRISE_UI_SCREENSHOT=$(CURDIR)/reports/mlflow_ui.png $(BIN)/python -m pytest -q -p no:cacheprovider tests/ui
 
 # GPU benchmarks (run on a CUDA machine); each writes JSON + a markdown table under reports/.
 bench-gpu: setup

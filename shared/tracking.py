@@ -65,16 +65,32 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _store_lock():
+    """A file lock next to a sqlite store: concurrent stages (``dvc queue start -j 2``) must not both create the
+    database (MLflow's schema migrations race) or the same experiment."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=300)
+
+
 def ensure_experiment(paper_id: str) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.get_experiment_by_name(paper_id)
-    if exp is not None:
-        return exp.experiment_id
-    location = artifact_root() / paper_id
-    location.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(paper_id, artifact_location=location.as_uri())
+    with _store_lock():
+        mlflow.set_tracking_uri(tracking_uri())
+        exp = mlflow.get_experiment_by_name(paper_id)
+        if exp is not None:
+            return exp.experiment_id
+        location = artifact_root() / paper_id
+        location.mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(paper_id, artifact_location=location.as_uri())
 
 
 class StageRun:
