@@ -82,3 +82,18 @@ def test_params_validate_and_name_unknown_runs(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="runs.adamw.optimizer"):
         paper.load_params(bad)
+
+
+def test_logits_claim_rule_pairs_every_other_group_with_logits():
+    from papers.frugal.stages import logits_claim
+
+    def runs(vals):
+        return [{"seed": s, "final_val_ppl": v} for s, v in enumerate(vals)]
+
+    label = {"embeddings": "E", "norms": "N", "logits": "L"}
+    res = {"E": runs([10, 11, 12]), "N": runs([10.5, 11.5, 12.5]), "L": runs([20, 21, 23])}
+    assert logits_claim(res, label, {"embeddings": 0, "norms": 0, "logits": 10}, 3)["verdict"] == "reproduced"
+    res["N"] = runs([30, 31, 33])                       # norms hurt more than logits in every seed
+    assert logits_claim(res, label, {}, 3)["verdict"] == "not reproduced"
+    res["N"] = runs([19, 22, 22])                       # mixed: inconclusive
+    assert logits_claim(res, label, {}, 3)["verdict"] == "inconclusive"
