@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from shared.pretrain.optim import OPTIMIZERS, REGULAR_KINDS
 from shared.reports import claim, result_table
 from shared.stages import Paper, Params, StageContext
 
-OPTIMIZER_NAMES = ("adamw", "galore", "frugal")
-REGULAR_GROUPS = ("embeddings", "norms", "logits")
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)       # the registry's names (shared/pretrain/optim)
+REGULAR_GROUPS = tuple(REGULAR_KINDS)     # regular groups FRUGAL can move to the state-free rule
 
 
 # ---- params schema -----------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ def pretrain_run(ctx: StageContext, name: str, seed: int, data, regular_signsgd:
     """One pre-training run of the `tiny` model with the optimizer ``runs[name]``; returns its curve, final
     validation perplexity, measured + analytic state bytes and timing."""
     from shared.pretrain.data import batch_order, order_hash
+    from shared.pretrain.groups import param_groups
     from shared.pretrain.model import build_llama
     from shared.pretrain.module import pretrain
     from shared.pretrain.optim import analytic_state_bytes, build_optimizer, state_bytes
@@ -150,8 +152,6 @@ def pretrain_run(ctx: StageContext, name: str, seed: int, data, regular_signsgd:
                       val_every=t.val_every, seed=seed, min_ratio=t.min_lr_ratio,
                       logger=ctx.lightning_logger(f"{label or name}/seed{seed}"), progress=False)
     seconds = time.perf_counter() - t0
-    from shared.pretrain.groups import param_groups
-
     groups = param_groups(model)
     measured = state_bytes(holder["opt"], groups)
     analytic = analytic_state_bytes(run.optimizer, model, **params)

@@ -28,7 +28,7 @@ from .accounting import MB, analytic_bytes, state_bytes
 from .frugal import FRUGAL, FRUGAL_GROUP_DEFAULTS, check_frugal_group
 from .galore import GaLoreAdamW, check_galore_group
 
-__all__ = ["OPTIMIZERS", "MB", "FRUGAL", "GaLoreAdamW", "build_optimizer", "state_bytes", "analytic_state_bytes",
+__all__ = ["OPTIMIZERS", "REGULAR_KINDS", "MB", "FRUGAL", "GaLoreAdamW", "build_optimizer", "state_bytes", "analytic_state_bytes",
            "ParamGroups", "param_groups"]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .galore import compact
+from .galore import adam_defaults, compact
 
 PROJECTIONS = ("blockwise", "columns", "rows", "randk", "svd", "random", "randperm")
 COORDINATE_PROJECTIONS = ("columns", "rows", "randk")
@@ -312,13 +312,7 @@ class FRUGAL(Optimizer):
                  reset_statistics: bool = True, state_free: str = "signsgd", proj_lr_scale: float = 1.0,
                  free_lr_scale: float = 1.0, block_order: str = "descending", proj_side: str = "std",
                  inactive_update_rule: str | None = None, seed: int = 0):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr!r}")
-        for b in betas:
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"invalid beta {b!r}; must be in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"invalid eps {eps!r}")
+        defaults = adam_defaults(lr, betas, eps, weight_decay, correct_bias)
         if inactive_update_rule is not None:
             state_free = inactive_update_rule
         self._frugal_defaults = {
@@ -327,8 +321,6 @@ class FRUGAL(Optimizer):
             "block_order": block_order, "proj_side": proj_side}
         check_frugal_group({**self._frugal_defaults, "params": []})      # bad defaults fail even if unused
         self._generator = torch.Generator().manual_seed(seed)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "correct_bias": correct_bias}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

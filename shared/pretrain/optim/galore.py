@@ -75,6 +75,18 @@ def svd_factors(grad: Tensor, rank: int, side: str) -> tuple[Tensor, Tensor | No
     return compact(U[:, :rank], grad.dtype), compact(Vh[:rank, :], grad.dtype)
 
 
+def adam_defaults(lr: float, betas, eps: float, weight_decay: float, correct_bias: bool) -> dict:
+    """The validated Adam hyper-parameters every optimizer of the family starts its param-group defaults from."""
+    if not lr >= 0.0:
+        raise ValueError(f"invalid learning rate {lr!r}")
+    for b in betas:
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"invalid beta {b!r}; must be in [0, 1)")
+    if not eps >= 0.0:
+        raise ValueError(f"invalid eps {eps!r}")
+    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+
+
 def check_galore_group(group: dict) -> None:
     """Validate one projectable GaLore group in place; ValueError names the bad value."""
     rank = group["rank"]
@@ -99,18 +111,9 @@ class GaLoreAdamW(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
                  rank: int | None = None, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std"):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr!r}")
-        for b in betas:
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"invalid beta {b!r}; must be in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"invalid eps {eps!r}")
         self._galore_defaults = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
         self._default_rank = rank
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "correct_bias": correct_bias}
-        super().__init__(params, defaults)
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay, correct_bias))
 
     def add_param_group(self, param_group: dict) -> None:
         if "rank" not in param_group and getattr(self, "_default_rank", None) is not None:
