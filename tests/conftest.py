@@ -35,3 +35,24 @@ def smollm():
     from shared.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def ddp_ranks(tmp_path):
+    """Run ``python -m <module> OUT`` (a 2-process gloo DDP check writing rank{0,1}.safetensors) and return both
+    ranks' tensors."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from shared.paths import REPO_ROOT
+
+    def run(module: str):
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run([sys.executable, "-m", module, str(tmp_path)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+
+    return run

@@ -2,15 +2,11 @@
 tokenizer, windows and batch orders, LR schedule, training with Lightning (loss decreases, seeded runs repeat
 exactly), and 2-process DDP on CPU."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from shared.paths import CORPORA_DIR, REPO_ROOT
+from shared.paths import CORPORA_DIR
 from shared.pretrain.data import batch_order, encode_split, order_hash, validation_windows, windows
 from shared.pretrain.groups import param_groups
 from shared.pretrain.model import SHAPES, build_llama
@@ -208,12 +204,8 @@ def test_pretrain_validates_inputs(repeated_data):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_agree(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "shared.pretrain.ddp_check", str(tmp_path)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+def test_ddp_two_cpu_processes_agree(ddp_ranks):
+    r0, r1 = ddp_ranks("shared.pretrain.ddp_check")
     init = dict(build_llama("tiny", vocab_size=64, seed=0, max_positions=16).named_parameters())
     assert r0.keys() == r1.keys() == init.keys()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)

@@ -1,16 +1,10 @@
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from papers.cskv.module import (LayerwiseLowRank, activation_stats, init_factors, reconstruction_error,
                                 train_factors)
 from papers.cskv.stages import density, factor_name, needed_factor_sets, paper
 from shared.cache.decompose import factorize
-from shared.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +52,8 @@ def test_unknown_kind_and_bad_steps_raise(problem):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_agree(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "papers.cskv.ddp_check", str(tmp_path)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+def test_ddp_two_cpu_processes_agree(ddp_ranks):
+    r0, r1 = ddp_ranks("papers.cskv.ddp_check")
     assert torch.equal(r0["A"], r1["A"]) and torch.equal(r0["B"], r1["B"])
 
 
