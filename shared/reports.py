@@ -7,6 +7,7 @@ A table stage writes ``papers/<id>/results/<table>.json`` in this declared shape
      "rows": [{...}, ...],
      "claims": [{"id": "t1_cskv_vs_asvd", "ours": "0.90 vs 0.10", "verdict": "reproduced", "note": "..."}],
      "plot": {"x": "ratio", "y": "accuracy", "series": "method", "xlabel": "...", "ylabel": "..."},   # optional
+     "plots": [{...}, {...}],                                          # optional, several plots (instead of "plot")
      "notes": ["..."]}
 
 ``paper.yaml`` lists the paper's claims (``claims: [{id, table, claim, paper}]``) and the transcribed numbers.
@@ -134,11 +135,12 @@ def render(paper_id: str, papers_dir: Path = PAPERS_DIR, reports_dir: Path = REP
             lines += [f"Setting: {res['setting']}", ""]
         cols = [tuple(c) for c in res["columns"]]
         lines += [markdown_table(res["rows"], cols), ""]
-        if res.get("plot"):
-            p = res["plot"]
-            png = line_plot(reports_dir / paper_id / f"{path.stem}.png", res["rows"], p["x"], p["y"], p["series"],
+        plots = res.get("plots") or ([res["plot"]] if res.get("plot") else [])
+        for i, p in enumerate(plots):
+            name = f"{path.stem}.png" if i == 0 else f"{path.stem}_{p['y']}.png"
+            png = line_plot(reports_dir / paper_id / name, res["rows"], p["x"], p["y"], p["series"],
                             title=res["title"], xlabel=p.get("xlabel", ""), ylabel=p.get("ylabel", ""))
-            lines += [f"![{res['title']}]({paper_id}/{png.name})", ""]
+            lines += [f"![{res['title']} ({p.get('ylabel') or p['y']})]({paper_id}/{png.name})", ""]
         for note in res.get("notes", []):
             lines += [f"- {note}"]
         if res.get("notes"):

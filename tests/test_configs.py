@@ -117,9 +117,32 @@ def test_matryoshka_verdict_rules():
             {"method": "mkv_uniform", "budget": 0.5, "ppl": 12.0, "kl": 0.3},
             {"method": "mkv_uniform", "budget": 0.375, "ppl": 14.0, "kl": 0.5},
             {"method": "mkv_searched", "budget": 0.375, "ppl": 13.0, "kl": 0.4}]
-    got = {c["id"]: c["verdict"] for c in lm_claims(rows)}
+
+    def cases(label, budget, kls, seeds=(None,), shift=0.0):
+        return [{"label": label, "budget": budget, "seed": sd, "task": "lm", "length": 8, "protocol": None,
+                 "case": i, "correct": False, "kl": k + shift * j, "answer_nll": k, "top1": 1.0}
+                for j, sd in enumerate(seeds) for i, k in enumerate(kls)]
+
+    base = [1.0, 1.1, 0.9, 1.05, 0.95, 1.2, 0.8, 1.0]
+    lm = (cases("pca_uniform", 0.5, base) + cases("mkv_uniform", 0.5, [k * 0.3 for k in base], (0, 1, 2), 0.01)
+          + cases("mkv_uniform", 0.375, [k * 0.5 for k in base], (0, 1, 2))
+          + cases("mkv_searched", 0.375, [k * 0.4 for k in base], (0, 1, 2)))
+    got = {c["id"]: c["verdict"] for c in lm_claims(rows, lm)}
     assert got == {"exact_full_rank": "reproduced", "pca_collapse": "reproduced", "mkv_beats_pca": "reproduced",
                    "search_gain": "reproduced"}
+    # one seed whose searched ranks are worse than uniform: the gain is no longer a verdict
+    flip = [dict(c, kl=c["kl"] * 2, answer_nll=c["answer_nll"] * 2) if c["label"] == "mkv_searched" and c["seed"] == 2
+            else c for c in lm]
+    assert {c["id"]: c["verdict"] for c in lm_claims(rows, flip)}["search_gain"] == "inconclusive"
+
+    def choice(label, budget, correct, seed=None):
+        return [{"label": label, "budget": budget, "seed": seed, "task": "choice", "length": None, "protocol": None,
+                 "case": i, "correct": c, "kl": 0.0, "answer_nll": 0.0, "top1": 0.0} for i, c in enumerate(correct)]
+
     mc = [{"method": "full", "budget": 1.0, "acc_norm": 0.5, "n": 50},
-          {"method": "mkv_searched", "budget": 0.375, "acc_norm": 0.4, "n": 50}]
-    assert choice_claims(mc)[0]["verdict"] == "not reproduced"
+          {"method": "mkv_searched", "budget": 0.375, "acc_norm": 0.1, "n": 50}]
+    full = [i % 2 == 0 for i in range(50)]
+    worse = choice("mkv_searched", 0.375, [c and i % 10 == 0 for i, c in enumerate(full)], seed=0)
+    assert choice_claims(mc, choice("full", 1.0, full) + worse)[0]["verdict"] == "not reproduced"
+    same = choice("mkv_searched", 0.375, full, seed=0)
+    assert choice_claims(mc, choice("full", 1.0, full) + same)[0]["verdict"] == "reproduced"

@@ -87,11 +87,15 @@ class LayerwiseLowRank(L.LightningModule):
     """Learns ``A_l, B_l`` for every layer of one projection kind by the layer-wise MSE (CSKV Eq. 5)."""
 
     def __init__(self, W: torch.Tensor, init: list[Factors], kind: str, lr: float = 5e-5, weight_decay: float = 0.0,
-                 total_steps: int = 100, qat: bool = False):
+                 total_steps: int = 100, qat: bool = False, quant: dict | None = None, value_group: int | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.lr, self.weight_decay, self.total_steps, self.qat = kind, lr, weight_decay, total_steps, qat
+        # quantizer options forwarded to fake_quant_int4 (scheme / STE: reprise default, or the official code's);
+        # value_group: values quantized per token in groups of this many latent channels (None: the whole row;
+        # the official code: r / n_kv, one group per head)
+        self.quant, self.value_group = dict(quant or {}), value_group
         self.register_buffer("W", W.float())
         self.A = torch.nn.Parameter(torch.stack([f.A.float() for f in init]))  # [L, g, d, r/g]
         self.B = torch.nn.Parameter(torch.stack([f.B.float() for f in init]))  # [L, g, r/g, C/g]
@@ -99,7 +103,8 @@ class LayerwiseLowRank(L.LightningModule):
     def latent(self, X: torch.Tensor) -> torch.Tensor:
         z = torch.einsum("lnd,lgdr->lgnr", X, self.A)
         if self.qat:  # 4-bit fake quant + STE, keys per-channel/32 tokens, values per-token (§3.4)
-            z = fake_quant_int4(z, QUANT_GROUP, axis=-2) if self.kind == "k" else fake_quant_int4(z, z.shape[-1], axis=-1)
+            z = fake_quant_int4(z, QUANT_GROUP, axis=-2, **self.quant) if self.kind == "k" else \
+                fake_quant_int4(z, self.value_group or z.shape[-1], axis=-1, **self.quant)
         return z
 
     def loss(self, X: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,18 +132,25 @@ class LayerwiseLowRank(L.LightningModule):
 
 def train_factors(X: torch.Tensor, W: torch.Tensor, init: list[Factors], kind: str, steps: int, seq_len: int,
                   lr: float, qat: bool = False, seed: int = 0, logger=None, strategy: str = "auto", devices: int = 1,
-                  progress: bool = True) -> tuple[list[Factors], LayerwiseLowRank]:
-    """Fit the factors with Lightning (AdamW + linear decay, batch 1 sequence of ``seq_len`` tokens)."""
+                  progress: bool = True, grad_clip: float | None = None, quant: dict | None = None,
+                  value_group: int | None = None) -> tuple[list[Factors], LayerwiseLowRank]:
+    """Fit the factors with Lightning (AdamW + linear decay, batch 1 sequence of ``seq_len`` tokens).
+
+    ``grad_clip``: clip the global gradient norm to this value (the official code trains with the HF Trainer
+    default ``max_grad_norm = 1.0``); ``None`` = no clipping. ``quant`` / ``value_group``: see
+    :class:`LayerwiseLowRank` (QAT only)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     L.seed_everything(seed, workers=True, verbose=False)
-    module = LayerwiseLowRank(W, init, kind, lr=lr, total_steps=steps, qat=qat)
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be None or > 0, got {grad_clip!r}")
+    module = LayerwiseLowRank(W, init, kind, lr=lr, total_steps=steps, qat=qat, quant=quant, value_group=value_group)
     data = DataLoader(_TokenChunks(X, W, seq_len), batch_size=None, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu" if not torch.cuda.is_available() else "auto",
                         devices=devices, strategy=strategy, logger=logger or False, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, deterministic=True,
-                        log_every_n_steps=10)
+                        log_every_n_steps=10, gradient_clip_val=grad_clip)
     trainer.fit(module, data)
     return module.factors(), module
 

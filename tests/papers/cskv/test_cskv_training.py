@@ -61,13 +61,24 @@ def test_factor_sets_cover_every_table_method():
     p = paper.load_params()
     names = {fs["name"] for fs in needed_factor_sets(p)}
     d = density(p.ablation.compression_ratio)
+    assert len(p.train.seeds) >= 3                                          # trained rows: one set per seed
     for kind in ("k", "v"):
-        assert factor_name(kind, p.train.init, d, False, True, True) in names  # Table 5 QAT
         for init in ("random", "svd", "asvd"):
-            assert factor_name(kind, init, d, False, False) in names and factor_name(kind, init, d, False, True) in names
-        for r in p.table1.compression_ratios:                               # Table 1's low-rank rows
-            assert factor_name(kind, p.train.init, density(r), True, True) in names      # cskv_per_head
+            assert factor_name(kind, init, d, False, False) in names
+        for s in p.train.seeds:
+            assert factor_name(kind, p.train.init, d, False, True, True, s) in names   # Table 5 QAT
+            for init in ("random", "svd", "asvd"):
+                assert factor_name(kind, init, d, False, True, seed=s) in names
+            for r in p.table1.compression_ratios:                           # Table 1's low-rank rows
+                assert factor_name(kind, p.train.init, density(r), True, True, seed=s) in names   # cskv_per_head
+            for r in p.sweep.compression_ratios:                            # the sweep's CSKV rows
+                assert factor_name(kind, p.train.init, density(r), False, True, seed=s) in names
+        for r in p.table1.compression_ratios + p.sweep.compression_ratios:
             assert factor_name(kind, "whitened", density(r), False, False) in names
     for dk, dv in p.ablation.kv_densities:
-        assert factor_name("k", p.train.init, dk, False, True) in names
-        assert factor_name("v", p.train.init, dv, False, True) in names
+        for s in p.train.seeds:
+            assert factor_name("k", p.train.init, dk, False, True, seed=s) in names
+            assert factor_name("v", p.train.init, dv, False, True, seed=s) in names
+    untrained = [fs for fs in needed_factor_sets(p) if not fs["trained"]]
+    assert all(fs["seed"] is None and not fs["name"].endswith(tuple(f"-s{s}" for s in p.train.seeds))
+               for fs in untrained)
