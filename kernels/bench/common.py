@@ -1,18 +1,22 @@
 """What the kernel benchmark scripts share: the common command-line flags, timing (CUDA events on a GPU,
 ``time.perf_counter`` on the CPU; median after warm-up, optional peak-memory delta), error classification, the case
-loop's progress bar and writing ``<out>.json`` + ``<out>.md``."""
+loop's progress bar and writing ``<out>.json`` + ``<out>.md``.
+
+Imports only the standard library and torch (``tqdm`` if installed), so ``python -m kernels.bench`` runs on a bare
+GPU machine with only torch + triton."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, TypeVar
 
 import torch
-from tqdm import tqdm
 
 T = TypeVar("T")
 
@@ -112,17 +116,39 @@ def error_status(err: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------------------- running
 def progress(cases: Iterable[T], desc: str) -> Iterable[T]:
-    """The case loop, with a progress bar."""
+    """The case loop, with a progress bar (``tqdm`` when installed, else one line per case on stderr)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        items = list(cases)
+
+        def plain() -> Iterable[T]:
+            for i, item in enumerate(items):
+                print(f"{desc}: case {i + 1}/{len(items)}", file=sys.stderr, flush=True)
+                yield item
+
+        return plain()
     return tqdm(cases, desc=desc, unit="case")
 
 
-def write_reports(out: str | os.PathLike, doc: dict[str, Any], markdown: str, sort_keys: bool = True) -> None:
-    """Write ``<out>.json`` (2-space indent, trailing newline) and ``<out>.md`` atomically, creating the folder."""
-    from shared.io import write_json, write_text_atomic
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
+
+def write_reports(out: str | os.PathLike, doc: dict[str, Any], markdown: str, sort_keys: bool = True) -> None:
+    """Write ``<out>.json`` (2-space indent, trailing newline; non-JSON values as ``str``) and ``<out>.md``
+    atomically, creating the folder (standard library only: no ``shared.io``, whose ``yaml`` a bare GPU machine
+    lacks)."""
     out = Path(out)
-    if sort_keys:
-        write_json(out.with_name(out.name + ".json"), doc)
-    else:
-        write_text_atomic(out.with_name(out.name + ".json"), json.dumps(doc, indent=2) + "\n")
-    write_text_atomic(out.with_name(out.name + ".md"), markdown)
+    _write_text_atomic(out.with_name(out.name + ".json"),
+                       json.dumps(doc, indent=2, sort_keys=sort_keys, default=str) + "\n")
+    _write_text_atomic(out.with_name(out.name + ".md"), markdown)

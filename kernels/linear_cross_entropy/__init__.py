@@ -2,8 +2,10 @@
 
 ``impl="triton"`` runs the Cut Cross-Entropy kernels (:mod:`.linear_cross_entropy_triton`, imported lazily on the
 first call, so ``TRITON_INTERPRET=1`` may be set any time before it); ``"torch"`` is the materialising reference
-(the spec, :mod:`.linear_cross_entropy_ref`) and ``"torch_chunked"`` its exact token-chunked variant.
-:func:`causal_lm_loss` plugs it into a Hugging Face causal LM as a drop-in loss.
+(the spec, :mod:`.linear_cross_entropy_ref`) and ``"torch_chunked"`` its token-chunked variant (exact by default;
+with a numeric ``filter_eps`` it applies the Triton kernel's gradient filter, so filtering runs on the CPU at real
+shapes). :func:`gradient_filter_stats` counts the tiles the filter keeps. :func:`causal_lm_loss` plugs it into a
+Hugging Face causal LM as a drop-in loss (picking up Gemma's ``final_logit_softcapping``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from torch import Tensor
 from kernels.linear_cross_entropy.causal_lm import causal_lm_loss
 from kernels.linear_cross_entropy.linear_cross_entropy_ref import (
     REDUCTIONS,
+    apply_softcap,
+    default_filter_block,
     default_filter_eps,
+    filter_stats_chunked,
     linear_cross_entropy_chunked,
     linear_cross_entropy_ref,
 )
@@ -29,21 +34,53 @@ SUPPORTED_DTYPES = {
 }
 
 
-def resolve_filter_eps(filter_eps: str | float | None, dtype: torch.dtype) -> float | None:
-    """``"auto"`` -> ``finfo(dtype).eps / 32`` (2⁻¹² for bf16, §4.3), a number -> itself, ``None`` -> no filtering.
+#: impls that implement gradient filtering (a numeric ``filter_eps``).
+FILTER_IMPLS = ("triton", "torch_chunked")
 
-    Raises ``ValueError`` for anything else, or a negative / non-finite number.
+
+def resolve_filter_eps(filter_eps: str | float | None, dtype: torch.dtype, impl: str = "triton") -> float | None:
+    """``"auto"`` -> ``finfo(dtype).eps / 32`` (2⁻¹² for bf16, §4.3) for ``impl="triton"`` and ``None`` (exact) for
+    the torch impls; a number -> itself; ``None`` -> no filtering.
+
+    Raises ``ValueError`` for anything else, a negative / non-finite number, or a number ``> 0`` for ``impl="torch"``
+    (the materialising reference does not filter; ``0`` filters nothing and is accepted).
     """
     if filter_eps is None:
         return None
     if isinstance(filter_eps, str):
         if filter_eps != "auto":
             raise ValueError(f"filter_eps must be 'auto', None or a finite float >= 0, got {filter_eps!r}")
-        return default_filter_eps(dtype)
+        return default_filter_eps(dtype) if impl == "triton" else None
     if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not math.isfinite(filter_eps) \
             or filter_eps < 0:
         raise ValueError(f"filter_eps must be 'auto', None or a finite float >= 0, got {filter_eps!r}")
+    if impl not in FILTER_IMPLS and filter_eps > 0:
+        raise ValueError(f"filter_eps={filter_eps!r} needs impl in {FILTER_IMPLS} (impl={impl!r} is always exact; "
+                         "pass 'auto', None or 0)")
     return float(filter_eps)
+
+
+def check_softcap(softcap: object) -> None:
+    """``softcap`` must be None or a finite number > 0 (``ValueError`` otherwise)."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap <= 0:
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def check_filter_block(filter_block: object, impl: str) -> None:
+    """``filter_block`` must be None or ``(block_n, block_v)`` ints >= 1 (Triton: powers of two >= 16)."""
+    if filter_block is None:
+        return
+    ok = isinstance(filter_block, (tuple, list)) and len(filter_block) == 2 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in filter_block)
+    if ok and impl == "triton":
+        ok = all(b >= 16 and b & (b - 1) == 0 for b in filter_block)
+    if not ok:
+        need = "powers of two >= 16" if impl == "triton" else "ints >= 1"
+        raise ValueError(f"filter_block must be None or (block_n, block_v), {need}, for impl={impl!r}, "
+                         f"got {filter_block!r}")
 
 
 def check_linear_cross_entropy_inputs(e: object, c: object, targets: object, bias: object, ignore_index: object,
@@ -100,11 +137,13 @@ def check_linear_cross_entropy_inputs(e: object, c: object, targets: object, bia
 def linear_cross_entropy(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
                          filter_eps: str | float | None = "auto", vocab_sort: bool = False,
-                         impl: str = "triton", chunk_size: int | None = None) -> Tensor:
+                         impl: str = "triton", chunk_size: int | None = None, *, softcap: float | None = None,
+                         filter_block: tuple[int, int] | None = None) -> Tensor:
     """Cross-entropy of ``logits = e @ cᵀ + bias`` against ``targets``, without materialising the logits.
 
-    ``loss_i = logsumexp_v(e_i·c_v + b_v) − (e_i·c_{y_i} + b_{y_i})`` (Eq. (L)); gradients ``∇E = (S − Y) C``,
-    ``∇C = (S − Y)ᵀ E`` (Eqs. (G)), for ``e``, ``c`` and ``bias``.
+    ``loss_i = logsumexp_v(z_iv) − z_{i,y_i}`` with ``z_i = C e_i + b`` (Eq. (L)); gradients ``∇E = (S − Y) C``,
+    ``∇C = (S − Y)ᵀ E``, ``∇b = Σ_i (S − Y)_i`` (Eqs. (G)). With ``softcap = s``: ``z' = s · tanh(z / s)`` replaces
+    ``z`` in (L), and (G) uses ``(S − Y) ⊙ (1 − (z' / s)²)``.
 
     Args:
         e: ``[..., D]`` hidden states, fp32 / fp16 / bf16 (fp64 for the torch impls).
@@ -115,42 +154,102 @@ def linear_cross_entropy(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | N
         reduction: ``"mean"`` (over non-ignored positions; NaN when none), ``"sum"`` or ``"none"`` (per position,
             ``targets.shape``, ``[..., T - 1]`` when ``shift``; zero at ignored positions).
         shift: predict ``targets[..., t + 1]`` from ``e[..., t, :]`` (Hugging Face causal-LM loss).
-        filter_eps: gradient filtering threshold (§4.3), Triton only: ``"auto"`` = ``finfo(dtype).eps / 32``
-            (2⁻¹² for bf16), a float ``>= 0``, or ``None`` for the exact gradient. The torch impls are always exact.
-        vocab_sort: Triton only: order vocabulary tiles by average logit in the backward pass (§4.3).
+        filter_eps: gradient filtering threshold (§4.3): drop a ``filter_block`` tile of ``S − Y`` whose entries
+            all have ``|S − Y| < filter_eps`` (the official rule). ``"auto"`` (default) = ``finfo(dtype).eps / 32``
+            (2⁻¹² for bf16) for ``impl="triton"`` and exact for the torch impls; a float ``>= 0`` filters with
+            ``"triton"`` and ``"torch_chunked"`` (``impl="torch"`` accepts only 0); ``None``: exact gradient.
+        vocab_sort: with filtering, order vocabulary tiles by descending average logit in the backward pass (§4.3)
+            (``"triton"``, ``"torch_chunked"``); no effect on an exact gradient.
         impl: ``"triton"`` (Cut Cross-Entropy kernels), ``"torch"`` (materialising reference) or
-            ``"torch_chunked"`` (exact, chunked over tokens).
-        chunk_size: tokens per chunk for ``"torch_chunked"`` (default: 256 MiB of fp32 logits per chunk).
+            ``"torch_chunked"`` (chunked over tokens).
+        chunk_size: tokens per chunk for ``"torch_chunked"`` (default: 256 MiB of fp32 logits per chunk; rounded
+            to a multiple of ``block_n`` when filtering).
+        softcap: final-logit soft-cap (Gemma 2 ``final_logit_softcapping``), a finite float ``> 0`` or None.
+        filter_block: ``(block_n, block_v)`` filter tile. None: for ``"torch_chunked"``
+            :func:`default_filter_block` (the Triton backward tile on a GPU: 128×128 for fp16/bf16, 64×64 fp32);
+            for ``"triton"`` the kernel's backward config (16×32 under the CPU interpreter). Given, it sets the
+            Triton backward tile too (powers of two >= 16).
 
     Returns:
         The loss in fp32 (fp64 for fp64 inputs): a scalar, or per position for ``reduction="none"``.
     """
     check_linear_cross_entropy_inputs(e, c, targets, bias, ignore_index, reduction, shift, impl)
-    eps = resolve_filter_eps(filter_eps, e.dtype)
+    eps = resolve_filter_eps(filter_eps, e.dtype, impl)
+    check_softcap(softcap)
+    check_filter_block(filter_block, impl)
+    softcap = None if softcap is None else float(softcap)
     if not isinstance(vocab_sort, bool):
         raise ValueError(f"vocab_sort must be a bool, got {vocab_sort!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     targets = targets.long()
     if impl == "torch":
-        return linear_cross_entropy_ref(e, c, targets, bias, ignore_index, reduction, shift)
+        return linear_cross_entropy_ref(e, c, targets, bias, ignore_index, reduction, shift, softcap)
     if impl == "torch_chunked":
-        return linear_cross_entropy_chunked(e, c, targets, bias, ignore_index, reduction, shift, chunk_size)
-    from kernels.linear_cross_entropy.linear_cross_entropy_triton import INTERPRETED, linear_cross_entropy_triton
+        return linear_cross_entropy_chunked(e, c, targets, bias, ignore_index, reduction, shift, chunk_size, softcap,
+                                            eps, None if filter_block is None else tuple(filter_block), vocab_sort)
+    from kernels.linear_cross_entropy.linear_cross_entropy_triton import (
+        INTERPRETED,
+        BlockConfig,
+        TritonOptions,
+        default_config,
+        linear_cross_entropy_triton,
+    )
 
     if not (e.device.type == "cuda" or (e.device.type == "cpu" and INTERPRETED)):
         raise ValueError(f"e is on device '{e.device}', but impl='triton' needs a CUDA tensor, or CPU tensors with "
                          "TRITON_INTERPRET=1 set before the Triton module is imported; use impl='torch' instead")
-    return linear_cross_entropy_triton(e, c, targets, bias, ignore_index, reduction, shift, eps, vocab_sort)
+    options = None
+    if filter_block is not None:
+        base = default_config("backward", e.dtype)
+        options = TritonOptions(backward_config=BlockConfig(filter_block[0], filter_block[1], base.block_d,
+                                                            base.num_warps, base.num_stages))
+    return linear_cross_entropy_triton(e, c, targets, bias, ignore_index, reduction, shift, eps, vocab_sort, options,
+                                       softcap)
+
+
+def gradient_filter_stats(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None = None, *,
+                          ignore_index: int = -100, shift: bool = False, softcap: float | None = None,
+                          filter_eps: str | float = "auto", filter_block: tuple[int, int] | None = None,
+                          vocab_sort: bool = False, chunk_size: int | None = None) -> dict:
+    """Tiles of ``S − Y`` that the gradient filter keeps, counted chunk-wise (never ``N×V`` at once).
+
+    ``blocks_kept`` is the number of ``filter_block`` tiles (default :func:`default_filter_block`) over (valid tokens
+    × vocabulary, sorted when ``vocab_sort``) with ``max |S − Y| >= filter_eps`` (``"auto"``:
+    ``finfo(e.dtype).eps / 32``) — the tiles the filtered backward (Triton or ``torch_chunked``) computes.
+
+    Returns ``{"blocks_total", "blocks_kept", "fraction_kept", "tokens", "vocab", "filter_eps", "block_n",
+    "block_v", "vocab_sort"}``.
+    """
+    check_linear_cross_entropy_inputs(e, c, targets, bias, ignore_index, "mean", shift, "torch_chunked")
+    eps = resolve_filter_eps(filter_eps, e.dtype, "triton")
+    if eps is None:
+        raise ValueError("filter_eps must be 'auto' or a finite float >= 0 for gradient_filter_stats, got None")
+    check_softcap(softcap)
+    check_filter_block(filter_block, "torch_chunked")
+    if not isinstance(vocab_sort, bool):
+        raise ValueError(f"vocab_sort must be a bool, got {vocab_sort!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return filter_stats_chunked(e, c, targets.long(), bias, ignore_index=ignore_index, shift=shift,
+                                softcap=None if softcap is None else float(softcap), filter_eps=eps,
+                                filter_block=None if filter_block is None else tuple(filter_block),
+                                vocab_sort=vocab_sort, chunk_size=chunk_size)
 
 
 __all__ = [
+    "FILTER_IMPLS",
     "IMPLS",
     "REDUCTIONS",
     "SUPPORTED_DTYPES",
+    "apply_softcap",
     "causal_lm_loss",
+    "check_filter_block",
     "check_linear_cross_entropy_inputs",
+    "check_softcap",
+    "default_filter_block",
     "default_filter_eps",
+    "gradient_filter_stats",
     "linear_cross_entropy",
     "linear_cross_entropy_chunked",
     "linear_cross_entropy_ref",

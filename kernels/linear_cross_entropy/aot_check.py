@@ -45,29 +45,25 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32
         ptr = _PTR[dt]
         mode = 1 if dt == "fp32" else 0
         fw, bw = (lce.GPU_FORWARD_FP32, lce.GPU_BACKWARD_FP32) if dt == "fp32" else (lce.GPU_FORWARD, lce.GPU_BACKWARD)
-        for has_bias in (False, True):
-            for sort in (False, True):
-                types = {"E": ptr, "C": ptr, "Bias": ptr, "Rows": "*i64", "Tgt": "*i64", "MaxPart": "*fp32",
-                         "SumPart": "*fp32", "TgtPart": "*fp32", "LogitSum": "*fp32", "stride_ed": "i32",
-                         "stride_cd": "i32"}
-                consts: dict[str, Any] = dict(BLOCK_N=fw.block_n, BLOCK_V=fw.block_v, BLOCK_D=fw.block_d,
-                                              HAS_BIAS=has_bias, SUM_LOGITS=sort, MODE=mode)
-                consts |= _absent(Bias=has_bias, LogitSum=sort)
-                build(lce._lse_forward_kernel, types, consts, f"{dt} bias={has_bias} sum_logits={sort}",
-                      fw.num_warps, fw.num_stages)
-                types = {"E": ptr, "C": ptr, "Bias": ptr, "Rows": "*i64", "Tgt": "*i64", "Lse": "*fp32",
-                         "G": "*fp32", "Order": "*i32", "DE": "*fp32", "DC": "*fp32", "DBias": "*fp32",
-                         "Counter": "*i32", "filter_eps": "fp32"}
-                consts = dict(BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, BLOCK_D=bw.block_d, HAS_BIAS=has_bias,
-                              HAS_ORDER=sort, COMPUTE_DE=True, COMPUTE_DC=True, COMPUTE_DBIAS=has_bias,
-                              HAS_COUNTER=False, MODE=mode)
-                consts |= _absent(Bias=has_bias, Order=sort)
-                build(lce._lse_backward_kernel, types, consts, f"{dt} bias={has_bias} order={sort}",
-                      bw.num_warps, bw.num_stages)
-        types = {"E": ptr, "C": ptr, "Rows": "*i64", "Tgt": "*i64", "TgtPos": "*i64", "Coef": "*fp32",
-                 "DE": "*fp32", "DC": "*fp32", "DBias": "*fp32"}
-        build(lce._onehot_grad_kernel, types, dict(BLOCK_N=32, BLOCK_D=64, DO_DE=True, DO_DC=True, DO_DBIAS=True),
-              dt, 4, 1)
+        variants = [(b, s, False) for b in (False, True) for s in (False, True)] + [(False, True, True)]
+        for has_bias, sort, cap in variants:
+            types = {"E": ptr, "C": ptr, "Bias": ptr, "Rows": "*i64", "Tgt": "*i64", "MaxPart": "*fp32",
+                     "SumPart": "*fp32", "TgtPart": "*fp32", "LogitSum": "*fp32", "stride_ed": "i32",
+                     "stride_cd": "i32", "softcap": "fp32"}
+            consts: dict[str, Any] = dict(BLOCK_N=fw.block_n, BLOCK_V=fw.block_v, BLOCK_D=fw.block_d,
+                                          HAS_BIAS=has_bias, SUM_LOGITS=sort, HAS_SOFTCAP=cap, MODE=mode)
+            consts |= _absent(Bias=has_bias, LogitSum=sort)
+            build(lce._lse_forward_kernel, types, consts, f"{dt} bias={has_bias} sum_logits={sort} softcap={cap}",
+                  fw.num_warps, fw.num_stages)
+            types = {"E": ptr, "C": ptr, "Bias": ptr, "Rows": "*i64", "Tgt": "*i64", "Lse": "*fp32",
+                     "TgtD": "*fp32", "G": "*fp32", "Order": "*i32", "DE": "*fp32", "DC": "*fp32", "DBias": "*fp32",
+                     "Counter": "*i32", "filter_eps": "fp32", "softcap": "fp32"}
+            consts = dict(BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, BLOCK_D=bw.block_d, HAS_BIAS=has_bias,
+                          HAS_ORDER=sort, COMPUTE_DE=True, COMPUTE_DC=True, COMPUTE_DBIAS=has_bias,
+                          HAS_COUNTER=False, HAS_SOFTCAP=cap, MODE=mode)
+            consts |= _absent(Bias=has_bias, Order=sort)
+            build(lce._lse_backward_kernel, types, consts, f"{dt} bias={has_bias} order={sort} softcap={cap}",
+                  bw.num_warps, bw.num_stages)
     return compiler.report
 
 

@@ -4,6 +4,7 @@
 model (``model.base_model``, e.g. ``LlamaModel``) for the final hidden states and calls
 :func:`kernels.linear_cross_entropy.linear_cross_entropy` with the output-embedding weight (the tied input embedding
 when ``tie_word_embeddings``), ``shift=True`` and ``ignore_index=-100``, as ``transformers``' ``ForCausalLMLoss``.
+A model with ``config.final_logit_softcapping`` (Gemma 2/3: ``logits = s · tanh(logits / s)``) gets ``softcap=s``.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-#: config attributes that change the logits beyond ``h @ Wᵀ + b`` and their no-op values; a model with any other
-#: value is refused rather than mis-scored (Gemma-2/3 soft-capping, Cohere ``logit_scale``, Granite scaling).
-_LOGIT_TRANSFORM_NOOPS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1.0), "logits_scaling": (None, 1.0)}
+#: config attributes that change the logits beyond ``softcap(h @ Wᵀ + b)`` and their no-op values; a model with any
+#: other value is refused rather than mis-scored (Cohere ``logit_scale``, Granite scaling). Gemma's
+#: ``final_logit_softcapping`` is supported (passed as ``softcap``).
+_LOGIT_TRANSFORM_NOOPS = {"logit_scale": (None, 1.0), "logits_scaling": (None, 1.0)}
 
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, attention_mask: Tensor | None = None,
@@ -23,7 +25,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, atten
     """Causal-LM loss of ``model`` on ``input_ids`` / ``labels`` through linear cross-entropy (Eq. (L), shifted).
 
     Args:
-        model: a ``transformers`` ``*ForCausalLM`` whose logits are ``lm_head(hidden)`` (no soft-capping/scaling).
+        model: a ``transformers`` ``*ForCausalLM`` whose logits are ``lm_head(hidden)``, optionally soft-capped by
+            ``config.final_logit_softcapping`` (no other scaling).
         input_ids: ``[B, T]`` token ids.
         labels: ``[B, T]`` int64; position ``t`` is scored against ``labels[:, t + 1]``; ``ignore_index`` masks.
         attention_mask: optional ``[B, T]`` mask passed to the base model.
@@ -47,6 +50,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, atten
         if val not in noops:
             raise ValueError(f"model config has {attr}={val!r}; causal_lm_loss supports only logits = h @ Wᵀ + b "
                              f"({attr} must be one of {noops})")
+    softcap = getattr(config, "final_logit_softcapping", None)
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
         raise ValueError(f"input_ids must be a [B, T] tensor, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -66,7 +70,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, atten
         hidden = hidden.to(weight.dtype)
     red = "sum" if num_items_in_batch is not None else reduction
     loss = linear_cross_entropy(hidden, weight, labels.to(hidden.device), bias, ignore_index=ignore_index,
-                                reduction=red, shift=True, filter_eps=filter_eps, vocab_sort=vocab_sort, impl=impl)
+                                reduction=red, shift=True, filter_eps=filter_eps, vocab_sort=vocab_sort, impl=impl,
+                                softcap=softcap)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -17,21 +17,26 @@ read ``E`` through a row-index array, so no shifted or compacted copy of ``E`` i
    ``N×V`` — and the splits are merged on the host (log-sum-exp rescaling). With ``vocab_sort`` it also
    accumulates the per-vocabulary sum of logits (for the ordering of step 2).
 2. ``_lse_backward_kernel`` — grid ``(N-blocks × V-tiles)``. Each program recomputes its logit tile, forms
-   ``S = exp(z − lse)`` from the saved LSE with the target entries ``S_{i,y_i}`` masked out, and **skips the tile
-   when every remaining entry is below ``filter_eps``** (gradient filtering, §4.3: those entries cannot change a
-   gradient at this precision). Surviving tiles accumulate ``(S·g) C`` into ``∇E`` and ``(S·g)ᵀ E`` into ``∇C``
-   (fp32 atomics) and ``Σ S·g`` into ``∇b``. With ``vocab_sort`` the tiles walk the vocabulary in
-   descending-average-logit order, so the few high-probability tokens cluster into few tiles and more tiles are
-   skipped (§4.3, "vocabulary sorting").
-3. ``_onehot_grad_kernel`` — the target column of ``S − Y`` is applied separately and exactly (an indexed
-   gather/scatter, like the forward's indexed matmul): with ``a_i = g_i (S_{i,y_i} − 1) = g_i · expm1(−ℓ_i)``,
-   ``∇E_i += a_i c_{y_i}``, ``∇C_{y_i} += a_i e_i``, ``∇b_{y_i} += a_i``.
+   ``D = S − Y`` (``S = exp(z − lse)`` from the saved LSE, ``−1`` at the target entries) and **skips the tile when
+   every entry has ``|D_iv| < filter_eps``** (gradient filtering, §4.3: those entries cannot change a gradient at
+   this precision). Surviving tiles accumulate ``(D·g) C`` into ``∇E`` and ``(D·g)ᵀ E`` into ``∇C`` (fp32 atomics)
+   and ``Σ D·g`` into ``∇b``. With ``vocab_sort`` the tiles walk the vocabulary in descending-average-logit order,
+   so the few high-probability tokens cluster into few tiles and more tiles are skipped (§4.3, "vocabulary
+   sorting").
 
-   *Design choice (differs from the official code)*: the official kernel filters on ``|S − Y|`` inside the tile, so
-   a tile holding a target whose probability is far from 1 (early training, random inputs) is never skipped. Here
-   the target column never enters the filter decision nor the tile, so a tile is skipped whenever its non-target
-   probabilities are negligible — at least every tile the official criterion skips — and the target term, the
-   largest entry of the gradient, is never dropped.
+   The filter rule is the official kernel's (``cut-cross-entropy`` 25.1.1, ``_cce_backward_kernel``): the decision
+   is taken on ``|S − Y|`` with the target entries included, before the upstream gradient ``g`` and the soft-cap
+   derivative are applied; padding entries count as 0, and a tile is dropped iff *all* entries are ``< eps`` (so
+   ``filter_eps = 0`` drops nothing). A tile holding a target whose probability is not within ``eps`` of 1 is
+   therefore never skipped. Only the value of the target entry is computed differently: ``expm1(−ℓ_i)`` here,
+   ``exp(z − lse) − 1`` in the official code (which cancels for a confident prediction). (An earlier version of
+   this module left the target column out of the decision and applied it separately and exactly; it was changed to
+   the official rule so that filtered gradients and kept-tile statistics are comparable with the official code and
+   with the ``torch_chunked`` filtered path.)
+
+Soft-capping (Gemma 2): both kernels cap the fp32 logit tile, ``z' = s · tanh(z / s)``, before anything else; the
+backward multiplies ``D·g`` by ``1 − (z' / s)²``. ``tanh`` is ``sign(x)(1 − e^{−2|x|}) / (1 + e^{−2|x|})`` (no
+libdevice call, so the CPU interpreter runs it; absolute error ~1e-7).
 
 ``∇C`` accumulates in fp32. For fp16/bf16 classifiers the vocabulary is processed in chunks of at most
 ``scratch_bytes`` of fp32 scratch (default 64 MiB), each chunk cast into the ``c.dtype`` gradient when done, so the
@@ -67,6 +72,15 @@ def _dot(a, b, acc, MODE: tl.constexpr):
 
 
 @triton.jit
+def _softcap(z, softcap):
+    """``softcap · tanh(z / softcap)``, tanh written with ``exp`` of a non-positive argument (no overflow)."""
+    x = z / softcap
+    a = tl.exp(-2.0 * tl.abs(x))
+    th = (1.0 - a) / (1.0 + a)
+    return tl.where(x < 0, -th, th) * softcap
+
+
+@triton.jit
 def _logit_tile(E, rows, n_mask, stride_en, stride_ed, C, vids, v_mask, stride_cv, stride_cd, Bias, stride_bv, D,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                 MODE: tl.constexpr):
@@ -91,9 +105,9 @@ def _logit_tile(E, rows, n_mask, stride_en, stride_ed, C, vids, v_mask, stride_c
 def _lse_forward_kernel(
     E, stride_en, stride_ed, C, stride_cv, stride_cd, Bias, stride_bv, Rows, Tgt,
     MaxPart, SumPart, TgtPart, LogitSum,
-    M, V, D, BLOCKS_PER_SPLIT,
+    M, V, D, BLOCKS_PER_SPLIT, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SUM_LOGITS: tl.constexpr, MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SUM_LOGITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr,
 ):
     """Blockwise LSE + indexed correct-token logit (Algorithms 1–2) for ``BLOCK_N`` tokens × one vocabulary split."""
     pid = tl.program_id(0)
@@ -115,6 +129,8 @@ def _lse_forward_kernel(
         v_mask = vids < V
         z = _logit_tile(E, rows, n_mask, stride_en, stride_ed, C, vids, v_mask, stride_cv, stride_cd, Bias,
                         stride_bv, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, MODE)
+        if HAS_SOFTCAP:  # z' = s · tanh(z / s), before masking (tanh(-inf) would give -s)
+            z = _softcap(z, softcap)
         # Algorithm 1 (indexed matmul): the correct-token logit, taken from the tile that holds y_i.
         t_i += tl.sum(tl.where(vids[None, :] == tgt[:, None], z, 0.0), axis=1)
         if SUM_LOGITS:  # per-vocabulary logit sums over valid tokens, for vocabulary sorting
@@ -133,15 +149,15 @@ def _lse_forward_kernel(
 
 @triton.jit
 def _lse_backward_kernel(
-    E, stride_en, stride_ed, C, stride_cv, stride_cd, Bias, stride_bv, Rows, Tgt, Lse, G, Order,
+    E, stride_en, stride_ed, C, stride_cv, stride_cd, Bias, stride_bv, Rows, Tgt, Lse, TgtD, G, Order,
     DE, stride_den, stride_ded, DC, stride_dcv, stride_dcd, DBias, Counter,
-    M, V, D, pos_start, pos_end, filter_eps,
+    M, V, D, pos_start, pos_end, filter_eps, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, COMPUTE_DE: tl.constexpr, COMPUTE_DC: tl.constexpr,
-    COMPUTE_DBIAS: tl.constexpr, HAS_COUNTER: tl.constexpr, MODE: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, HAS_COUNTER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Softmax part of Eqs. (G) for one ``[BLOCK_N, BLOCK_V]`` tile, target entries excluded (they are applied
-    exactly by ``_onehot_grad_kernel``); the tile is skipped when every remaining ``S < filter_eps``.
+    """Eqs. (G) for one ``[BLOCK_N, BLOCK_V]`` tile of ``D = S − Y``; the tile is skipped when every
+    ``|D_iv| < filter_eps`` (the official rule, target entries included).
 
     Vocabulary positions ``[pos_start, pos_end)`` (in ``Order`` when sorting) are this launch's chunk; ``DC`` is the
     chunk's fp32 scratch, row ``pos - pos_start``.
@@ -163,16 +179,22 @@ def _lse_backward_kernel(
 
     z = _logit_tile(E, rows, n_mask, stride_en, stride_ed, C, vids, v_mask, stride_cv, stride_cd, Bias,
                     stride_bv, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, MODE)
+    if HAS_SOFTCAP:
+        z = _softcap(z, softcap)                                  # z' = s · tanh(z / s)
     lse = tl.load(Lse + offs_n, mask=n_mask, other=0.0)
-    s = tl.exp(z - lse[:, None])
-    s = tl.where(n_mask[:, None] & v_mask[None, :] & (vids[None, :] != tgt[:, None]), s, 0.0)
-    # Gradient filtering (§4.3): every entry below eps -> the tile cannot change a gradient; skip both matmuls.
-    # The target entries (S_iy - 1, never negligible unless the prediction is certain) are not in the tile.
-    if tl.max(tl.max(s, axis=1), axis=0) >= filter_eps:
+    s = tl.exp(z - lse[:, None])                                  # S = exp(z' − lse)
+    tgt_d = tl.load(TgtD + offs_n, mask=n_mask, other=0.0)     # D_iy = S_iy − 1 = expm1(−ℓ_i), no cancellation
+    s = tl.where(vids[None, :] == tgt[:, None], tgt_d[:, None], s)   # D = S − Y
+    s = tl.where(n_mask[:, None] & v_mask[None, :], s, 0.0)
+    # Gradient filtering (§4.3): every |D| below eps -> the tile cannot change a gradient; skip both matmuls.
+    if tl.max(tl.max(tl.abs(s), axis=1), axis=0) >= filter_eps:
         if HAS_COUNTER:
             tl.atomic_add(Counter, 1)
         g = tl.load(G + offs_n, mask=n_mask, other=0.0)
-        ds = s * g[:, None]
+        ds = s * g[:, None]                                       # ∇z' = D · g
+        if HAS_SOFTCAP:
+            zs = z / softcap
+            ds = ds * (1.0 - zs * zs)                             # ∇z = ∇z' · (1 − tanh²(z / s))
         if COMPUTE_DBIAS:
             tl.atomic_add(DBias + vids, tl.sum(ds, axis=0), mask=v_mask)
         if MODE == 0:
@@ -201,47 +223,6 @@ def _lse_backward_kernel(
                 tl.atomic_add(dc_ptrs, dc, mask=v_mask[:, None] & d_mask[None, :])
                 e_ptrs += BLOCK_D * stride_ed
                 dc_ptrs += BLOCK_D * stride_dcd
-
-
-@triton.jit
-def _onehot_grad_kernel(
-    E, stride_en, stride_ed, C, stride_cv, stride_cd, Rows, Tgt, TgtPos, Coef,
-    DE, stride_den, stride_ded, DC, stride_dcv, stride_dcd, DBias,
-    M, D, pos_start, pos_end,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DO_DE: tl.constexpr, DO_DC: tl.constexpr, DO_DBIAS: tl.constexpr,
-):
-    """The target column of ``S − Y`` in Eqs. (G), exactly: with ``a_i = g_i (S_{i,y_i} − 1)`` (``Coef``),
-    ``∇E_i += a_i c_{y_i}``, ``∇C_{y_i} += a_i e_i``, ``∇b_{y_i} += a_i``.
-
-    ``DC`` is the fp32 scratch of vocabulary positions ``[pos_start, pos_end)``; ``TgtPos`` is the position of
-    ``y_i`` in the (possibly sorted) vocabulary order.
-    """
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < M
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    rows = tl.load(Rows + offs_n, mask=n_mask, other=0).to(tl.int64)
-    tgt = tl.load(Tgt + offs_n, mask=n_mask, other=0).to(tl.int64)
-    a = tl.load(Coef + offs_n, mask=n_mask, other=0.0)
-    if DO_DE:  # rows are distinct: plain read-modify-write
-        c = tl.load(C + tgt[:, None] * stride_cv + offs_d[None, :] * stride_cd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        de_ptrs = DE + rows[:, None] * stride_den + offs_d[None, :] * stride_ded
-        mask = n_mask[:, None] & d_mask[None, :]
-        tl.store(de_ptrs, tl.load(de_ptrs, mask=mask, other=0.0) + a[:, None] * c, mask=mask)
-    if DO_DBIAS:
-        if pid_d == 0:
-            tl.atomic_add(DBias + tgt, a, mask=n_mask)
-    if DO_DC:  # targets repeat: atomics
-        tpos = tl.load(TgtPos + offs_n, mask=n_mask, other=0).to(tl.int64)
-        in_chunk = n_mask & (tpos >= pos_start) & (tpos < pos_end)
-        e = tl.load(E + rows[:, None] * stride_en + offs_d[None, :] * stride_ed,
-                    mask=in_chunk[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        tl.atomic_add(DC + (tpos - pos_start)[:, None] * stride_dcv + offs_d[None, :] * stride_dcd,
-                      a[:, None] * e, mask=in_chunk[:, None] & d_mask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -287,6 +268,7 @@ class TritonOptions:
     forward_config: BlockConfig | None = None
     backward_config: BlockConfig | None = None
     scratch_bytes: int = 1 << 26
+    softcap: float | None = None
     #: if a dict, backward stores ``tiles_total`` / ``tiles_computed`` (tiles that survived filtering) in it.
     stats: dict | None = field(default=None)
 
@@ -323,9 +305,10 @@ def _forward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tens
         e2, e2.stride(0), e2.stride(1), c, c.stride(0), c.stride(1),
         bias, bias.stride(0) if bias is not None else 0, rows, tgt,
         parts[0], parts[1], parts[2], logit_sum,
-        m, v, d, per_split,
+        m, v, d, per_split, 1.0 if opts.softcap is None else float(opts.softcap),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        HAS_BIAS=bias is not None, SUM_LOGITS=sum_logits, MODE=_mode(e2.dtype),
+        HAS_BIAS=bias is not None, SUM_LOGITS=sum_logits, HAS_SOFTCAP=opts.softcap is not None,
+        MODE=_mode(e2.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     mx, sm, tg = parts[0], parts[1], parts[2]
@@ -337,7 +320,8 @@ def _forward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tens
 
 
 def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Tensor, lse: Tensor, nll: Tensor,
-              g: Tensor, order: Tensor | None, opts: TritonOptions, need_e: bool, need_c: bool,
+              g: Tensor,
+              order: Tensor | None, opts: TritonOptions, need_e: bool, need_c: bool,
               need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(∇E [N_all, D], ∇C [V, D], ∇b [V])`` in the input dtypes (``None`` where not needed)."""
     m, (v, d) = rows.numel(), c.shape
@@ -352,20 +336,13 @@ def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Ten
     eps = -1.0 if opts.filter_eps is None else float(opts.filter_eps)
     counter = torch.zeros(1, dtype=torch.int32, device=e2.device) if opts.stats is not None else None
     num_n = triton.cdiv(m, cfg.block_n) if m else 0
-    coef = g * torch.expm1(-nll)  # g_i (S_{i,y_i} - 1), S_{i,y_i} = exp(-nll_i): the exact target column
+    tgt_d = torch.expm1(-nll)  # the target entries of S − Y, S_iy − 1 = expm1(−ℓ_i)
     tiles_total = 0
     direct = need_c and c.dtype == f32 and order is None
     if direct or not need_c:
         chunk = v  # one pass: accumulate straight into the fp32 gradient (or no ∇C at all)
     else:
         chunk = max(cfg.block_v, (opts.scratch_bytes // (4 * d)) // cfg.block_v * cfg.block_v)
-    if order is not None:
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(v, device=order.device, dtype=order.dtype)
-        tgt_pos = inv[tgt]
-    else:
-        tgt_pos = tgt
-    one_grid = (triton.cdiv(m, 32), triton.cdiv(d, 64)) if m else None
     dummy = torch.zeros(1, dtype=f32, device=e2.device)
     for p0 in range(0, v, chunk):
         p1 = min(v, p0 + chunk)
@@ -378,35 +355,22 @@ def _backward(e2: Tensor, c: Tensor, bias: Tensor | None, rows: Tensor, tgt: Ten
             tiles_total += num_n * num_vb
             _lse_backward_kernel[(num_n * num_vb,)](
                 e2, e2.stride(0), e2.stride(1), c, c.stride(0), c.stride(1),
-                bias, bias.stride(0) if bias is not None else 0, rows, tgt, lse, g, order,
+                bias, bias.stride(0) if bias is not None else 0, rows, tgt, lse, tgt_d, g, order,
                 de if need_e else dummy, de.stride(0) if need_e else 0, de.stride(1) if need_e else 0,
                 scratch, scratch.stride(0), scratch.stride(1), db if need_b else dummy,
                 counter if counter is not None else dummy,
-                m, v, d, p0, p1, eps,
+                m, v, d, p0, p1, eps, 1.0 if opts.softcap is None else float(opts.softcap),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 HAS_BIAS=bias is not None, HAS_ORDER=order is not None,
                 COMPUTE_DE=need_e, COMPUTE_DC=need_c, COMPUTE_DBIAS=need_b,
-                HAS_COUNTER=counter is not None, MODE=mode,
+                HAS_COUNTER=counter is not None, HAS_SOFTCAP=opts.softcap is not None, MODE=mode,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            if need_c:
-                _onehot_grad_kernel[one_grid](
-                    e2, e2.stride(0), e2.stride(1), c, c.stride(0), c.stride(1), rows, tgt, tgt_pos, coef,
-                    dummy, 0, 0, scratch, scratch.stride(0), scratch.stride(1), dummy,
-                    m, d, p0, p1, BLOCK_N=32, BLOCK_D=64, DO_DE=False, DO_DC=True, DO_DBIAS=False,
-                )
         if need_c and not direct:
             if order is None:
                 dc[p0:p1] = scratch
             else:
                 dc.index_copy_(0, order[p0:p1].long(), scratch.to(c.dtype))
-    if m and (need_e or need_b):
-        _onehot_grad_kernel[one_grid](
-            e2, e2.stride(0), e2.stride(1), c, c.stride(0), c.stride(1), rows, tgt, tgt_pos, coef,
-            de if need_e else dummy, de.stride(0) if need_e else 0, de.stride(1) if need_e else 0,
-            dummy.view(1, 1), 0, 0, db if need_b else dummy,
-            m, d, 0, 0, BLOCK_N=32, BLOCK_D=64, DO_DE=need_e, DO_DC=False, DO_DBIAS=need_b,
-        )
     if opts.stats is not None:
         opts.stats["tiles_total"] = tiles_total
         opts.stats["tiles_computed"] = int(counter.item())
@@ -444,16 +408,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def linear_cross_entropy_triton(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None = None,
                                 ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
                                 filter_eps: float | None = None, vocab_sort: bool = False,
-                                options: TritonOptions | None = None) -> Tensor:
+                                options: TritonOptions | None = None, softcap: float | None = None) -> Tensor:
     """Cut Cross-Entropy (Eq. (L) forward, Eqs. (G) backward) with the Triton kernels of this module.
 
     Inputs are not validated here (use :func:`kernels.linear_cross_entropy.linear_cross_entropy`); ``filter_eps``
-    is already resolved (``None`` = exact, no filtering). ``options`` carries tiling overrides and ``stats``.
+    is already resolved (``None`` = exact, no filtering). ``options`` carries tiling overrides and ``stats``;
+    ``softcap`` (validated) caps the logits, ``z' = s · tanh(z / s)``.
     """
     from kernels.linear_cross_entropy.linear_cross_entropy_ref import aligned_targets
 
     # sorting only pays off in a backward pass; under no_grad the per-vocabulary logit sums are skipped
-    opts = replace(options or TritonOptions(), filter_eps=filter_eps, vocab_sort=vocab_sort and torch.is_grad_enabled())
+    opts = replace(options or TritonOptions(), filter_eps=filter_eps, vocab_sort=vocab_sort and torch.is_grad_enabled(),
+                   softcap=softcap)
     t = aligned_targets(targets, ignore_index, shift)
     flat_t = t.reshape(-1)
     valid = flat_t != ignore_index

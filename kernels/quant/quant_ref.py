@@ -22,6 +22,35 @@ Storage layout of :class:`Int4Tensor` (for a tensor of logical shape ``[..., T, 
   ``[..., T // group_size, C]``.
 * ``axis == -1`` (values: per token over ``group_size`` consecutive channels; ``group_size == C`` is the whole row):
   ``scale``/``zero`` are ``[..., T, C // group_size]``.
+
+Two schemes (``scheme=``), ours the default:
+
+* ``"reprise"`` — Eqs. Q1–Q4 above: float zero ``zero_g = min_g``, so ``[min_g, max_g]`` is always representable.
+* ``"official"`` — the released CSKV code (github.com/wln20/CSKV, ``cskv_src/utils/quant_utils.py``,
+  ``KVQuantizer`` / ``KVQuantizerChannel`` with ``zero_point=True``, ``n_bits=4``), op for op in ``x.dtype``::
+
+      scale_g = clamp(max_g − min_g, 1e-5) / 15                               (Eq. O1)
+      zp_g    = clamp(−round(min_g / scale_g), 0, 15)      (integer zero point; round = half-to-even)   (Eq. O2)
+      code    = clamp(round(x / scale_g) + zp_g, 0, 15)                       (Eq. O3)
+      x̂       = (code − zp_g) · scale_g                                       (Eq. O4)
+
+  The representable range is ``[−zp_g·scale_g, (15 − zp_g)·scale_g]``; it contains 0, so a group whose values
+  all have one sign and |mean| > range is clipped (e.g. min_g > 0 ⇒ zp_g = 0 ⇒ range [0, max_g − min_g]).
+  :class:`Int4Tensor` stores it as ``zero_g = −zp_g·scale_g`` (rounded to ``x.dtype``), so Eq. Q4 gives Eq. O4 up to
+  the rounding of that product and of the sum (≤ ~1 ulp of ``15·scale_g`` in ``x.dtype``); the codes are
+  identical. :func:`fake_quant_int4` with ``scheme="official"`` follows Eqs. O1–O4 literally (bit-exact).
+
+The official code groups values per token *per head* (``q_group_size = r / n_kv``): pass
+``group_size = head_group_size(r, n_kv)`` with ``axis=-1`` on a joint ``[..., T, r]`` latent (head ``i`` owns
+channels ``i·r/n_kv … (i+1)·r/n_kv − 1``, exactly the official ``view(bsz, T, n_kv, r/n_kv)``). Keys with the
+official ``use_window`` (``KVQuantizerChannel``): ``axis=-2``, ``group_size = q_window_size`` (32).
+
+Straight-through estimators (``ste=`` of :func:`fake_quant_int4`):
+
+* ``"identity"`` — ``∂x̂/∂x := I`` (ours, default).
+* ``"clipped"`` — the official backward: the gradient is zeroed where ``x ≥ hi_g`` or ``x ≤ lo_g`` (inclusive,
+  as the official ``ge``/``le``), ``lo_g = scale_g·(0 − zp_g)``, ``hi_g = scale_g·(15 − zp_g)`` (official scheme) or
+  ``lo_g = zero_g``, ``hi_g = zero_g + 15·scale_g`` (reprise scheme); 1 elsewhere.
 """
 from __future__ import annotations
 
@@ -34,6 +63,12 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest 4-bit code.
 QMAX = 15
+#: Quantizer schemes: ours (float zero = min) and the official CSKV code's (integer zero point in [0, 15]).
+SCHEMES = ("reprise", "official")
+#: Straight-through estimators of :func:`fake_quant_int4`.
+STES = ("identity", "clipped")
+#: The official code's floor on the group range (``(max - min).clamp(min=1e-5)``).
+OFFICIAL_MIN_RANGE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -180,7 +215,73 @@ def unpack_codes(packed: Tensor) -> Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
-def quantize_int4(x: Tensor, group_size: int, axis: int = -1) -> Int4Tensor:
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def check_ste(ste: str) -> None:
+    if ste not in STES:
+        raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+
+
+def head_group_size(rank: int, num_kv_heads: int) -> int:
+    """The official CSKV value group: one group per KV head of a joint latent, ``r / n_kv`` channels (axis=-1)."""
+    if num_kv_heads < 1 or rank % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide the rank, got rank={rank}, num_kv_heads={num_kv_heads}")
+    return rank // num_kv_heads
+
+
+def _grouped_minmax_native(x: Tensor, group_size: int, axis: int) -> tuple[Tensor, Tensor]:
+    """Per-group min and max in ``x.dtype``, broadcast back to ``x.shape`` (the official code's ``keepdim`` stats)."""
+    *lead, t, c = x.shape
+    if axis == -2:
+        g = x.reshape(*lead, t // group_size, group_size, c)
+        mn, mx = g.amin(dim=-2, keepdim=True), g.amax(dim=-2, keepdim=True)
+    else:
+        g = x.reshape(*lead, t, c // group_size, group_size)
+        mn, mx = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    return mn.expand_as(g).reshape(x.shape), mx.expand_as(g).reshape(x.shape)
+
+
+def _official_scale_zp(x: Tensor, group_size: int, axis: int) -> tuple[Tensor, Tensor]:
+    """Eqs. O1–O2 in ``x.dtype`` (expanded to ``x.shape``): ``scale``, integer-valued zero point ``zp`` ∈ [0, 15]."""
+    mn, mx = _grouped_minmax_native(x, group_size, axis)
+    scale = (mx - mn).clamp(min=OFFICIAL_MIN_RANGE) / QMAX              # Eq. O1
+    zp = (-torch.round(mn / scale)).clamp_(0, QMAX)                     # Eq. O2
+    return scale, zp
+
+
+def _official_codes(x: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+    """Eq. O3: ``clamp(round(x / scale) + zp, 0, 15)`` in ``x.dtype`` (integer-valued)."""
+    return torch.clamp(torch.round(x / scale) + zp, 0, QMAX)
+
+
+def fake_quant_official(x: Tensor, group_size: int, axis: int = -1) -> Tensor:
+    """Eqs. O1–O4 op for op as the official ``KVQuantizer[Channel].forward`` (no autograd wrapper)."""
+    axis = check_quantize_inputs(x, group_size, axis)
+    scale, zp = _official_scale_zp(x, group_size, axis)
+    return (_official_codes(x, scale, zp) - zp) * scale                 # Eq. O4
+
+
+def clip_mask(x: Tensor, group_size: int, axis: int = -1, scheme: str = "reprise") -> Tensor:
+    """Where the ``"clipped"`` STE zeroes the gradient: ``x ≤ lo_g`` or ``x ≥ hi_g`` (module doc; the official
+    backward's inclusive ``le``/``ge`` against ``scales·(0 − zeros)`` and ``scales·(15 − zeros)``)."""
+    axis = check_quantize_inputs(x, group_size, axis)
+    check_scheme(scheme)
+    if scheme == "official":
+        scale, zp = _official_scale_zp(x, group_size, axis)
+        lo, hi = scale * (0 - zp), scale * (QMAX - zp)
+    else:
+        q = quantize_int4(x, group_size, axis)
+        s = _expand_stats(q.scale.float(), x.shape, group_size, axis)
+        lo = _expand_stats(q.zero.float(), x.shape, group_size, axis)
+        hi = lo + QMAX * s
+        x = x.float()
+    return x.ge(hi) | x.le(lo)
+
+
+def quantize_int4(x: Tensor, group_size: int, axis: int = -1, scheme: str = "reprise") -> Int4Tensor:
     """Quantize ``x`` to 4-bit codes with one (scale, zero) per group (Eqs. Q1–Q3 of the module doc).
 
     Args:
@@ -188,8 +289,19 @@ def quantize_int4(x: Tensor, group_size: int, axis: int = -1) -> Int4Tensor:
         group_size: group length along ``axis``; must divide ``x.shape[axis]`` (and be even if ``axis == -1``).
         axis: ``-2`` = per channel over ``group_size`` consecutive tokens (CSKV/KIVI keys);
             ``-1`` = per token over ``group_size`` consecutive channels (values; ``group_size = C`` is the row).
+        scheme: ``"reprise"`` (Eqs. Q1–Q3, zero = min) or ``"official"`` (Eqs. O1–O3, integer zero point clamped
+            to [0, 15], stored as ``zero = −zp·scale``).
     """
     axis = check_quantize_inputs(x, group_size, axis)
+    check_scheme(scheme)
+    if scheme == "official":
+        scale, zp = _official_scale_zp(x, group_size, axis)
+        codes = _official_codes(x, scale, zp).to(torch.uint8)
+        pick = (lambda t: t[..., ::group_size, :]) if axis == -2 else (lambda t: t[..., ::group_size])
+        scale_g, zp_g = pick(scale), pick(zp)
+        zero_g = -zp_g * scale_g                                        # x̂ = code·scale + zero = (code − zp)·scale
+        return Int4Tensor(pack_codes(codes).contiguous(), scale_g.contiguous(), zero_g.contiguous(),
+                          torch.Size(x.shape), group_size, axis)
     x32 = x.float()
     mn, mx = _grouped_minmax(x32, group_size, axis)
     scale = ((mx - mn) / QMAX).to(x.dtype)  # Eq. Q1
@@ -231,19 +343,45 @@ def cat_int4_tokens(parts: list[Int4Tensor] | tuple[Int4Tensor, ...]) -> Int4Ten
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """``x̂ = dequantize(quantize(x))`` forward; straight-through estimator backward (``∂x̂/∂x := I``)."""
+    """``x̂ = fake_quant_fn(x)`` forward; straight-through estimator backward: ``∂x̂/∂x := I`` (``mask_fn`` None) or
+    ``I`` with the entries where ``mask_fn(x)`` is True zeroed (the ``"clipped"`` STE)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group_size: int, axis: int,  # type: ignore[override]
-                quantize_fn, dequantize_fn) -> Tensor:
-        return dequantize_fn(quantize_fn(x, group_size, axis))
+    def forward(ctx, x: Tensor, fake_quant_fn, mask_fn) -> Tensor:  # type: ignore[override]
+        ctx.clipped = mask_fn is not None
+        if ctx.clipped:
+            ctx.save_for_backward(mask_fn(x.detach()))
+        return fake_quant_fn(x.detach())
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        return grad_out, None, None, None, None
+        if not ctx.clipped:
+            return grad_out, None, None
+        (mask,) = ctx.saved_tensors
+        return grad_out.masked_fill(mask, 0), None, None
 
 
-def fake_quant_int4(x: Tensor, group_size: int, axis: int = -1) -> Tensor:
-    """QAT fake quantization (CSKV §3.3): Eq. Q4 ∘ Eq. Q3 in the forward pass, identity gradient (STE) backward."""
-    check_quantize_inputs(x, group_size, axis)
-    return _FakeQuantSTE.apply(x, group_size, axis, quantize_int4, dequantize_int4)
+def fake_quant_int4(x: Tensor, group_size: int, axis: int = -1, scheme: str = "reprise",
+                    ste: str = "identity") -> Tensor:
+    """QAT fake quantization (CSKV §3.3): Eq. Q4 ∘ Eq. Q3 (``scheme="reprise"``) or Eq. O4 ∘ O3 (``"official"``,
+    bit-exact to the official forward) in the forward pass; STE backward, ``ste="identity"`` (∂x̂/∂x := I) or
+    ``"clipped"`` (the official backward: zero where x ≤ lo_g or x ≥ hi_g, see :func:`clip_mask`)."""
+    axis = check_quantize_inputs(x, group_size, axis)
+    check_scheme(scheme)
+    check_ste(ste)
+    if scheme == "official":
+        fq = lambda t: fake_quant_official(t, group_size, axis)  # noqa: E731
+    else:
+        fq = lambda t: dequantize_int4(quantize_int4(t, group_size, axis))  # noqa: E731
+    mask_fn = (lambda t: clip_mask(t, group_size, axis, scheme)) if ste == "clipped" else None
+    return _FakeQuantSTE.apply(x, fq, mask_fn)
+
+
+def quant_error(z: Tensor, scheme: str = "reprise", group: int | None = None, axis: int = -1) -> float:
+    """Relative squared reconstruction error ``‖z − x̂‖² / ‖z‖²`` of 4-bit quantizing ``z [..., T, C]`` with
+    ``scheme`` (``group`` None: the whole row for ``axis=-1``, 32 tokens for ``axis=-2``), computed in fp64."""
+    if group is None:
+        group = z.shape[-1] if normalize_axis(axis, z.ndim) == -1 else 32
+    x_hat = dequantize_int4(quantize_int4(z, group, axis, scheme))
+    z64 = z.double()
+    return float((z64 - x_hat.double()).pow(2).sum() / z64.pow(2).sum())

@@ -50,14 +50,17 @@ def activation_stats(X: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def init_factors(W: torch.Tensor, stats: dict, density: float, head_dim: int, num_kv_heads: int, init: str,
-                 per_head: bool, seed: int = 0, alpha: float = 0.5) -> list[Factors]:
+                 per_head: bool, seed: int = 0, alpha: float = 0.5, asvd_stat: str = "mean",
+                 asvd_samples: int | None = None) -> list[Factors]:
     """One :class:`Factors` per layer for ``W`` [L, d_model, C] at CSKV's rank for ``density`` (``alpha``: ASVD's
-    scaling exponent, S = diag(mean|x|^α))."""
+    scaling exponent, S = diag(stat^α); ``asvd_stat``: ``"mean"`` = mean|x|, ``"official_sum"`` = the official
+    code's Σ over ``asvd_samples`` calibration samples of each sample's mean|x| — same A·B, other A/B balance)."""
     rank = rank_for_density(density, head_dim, num_kv_heads)
     groups = num_kv_heads if per_head else 1
     g = torch.Generator().manual_seed(seed)
     return [factorize(W[l], rank, groups, init, act_abs_mean=stats["abs_mean"][l], gram=stats["gram"][l],
-                      alpha=alpha, generator=g) for l in range(W.shape[0])]
+                      alpha=alpha, generator=g, asvd_stat=asvd_stat, asvd_samples=asvd_samples)
+            for l in range(W.shape[0])]
 
 
 def reconstruction_error(X: torch.Tensor, W: torch.Tensor, factors: list[Factors]) -> float:
@@ -170,3 +173,29 @@ def load_factors(path: Path, dtype: torch.dtype = torch.float32) -> list[Factors
     t = load_file(str(path))
     n = len(t) // 2
     return [Factors(t[f"{l}.A"].to(dtype), t[f"{l}.B"].to(dtype)) for l in range(n)]
+
+
+def latent_quant_error(X: torch.Tensor, factors: list[Factors], kind: str, scheme: str, value_groups: str,
+                       num_kv_heads: int, key_group: int = QUANT_GROUP) -> float:
+    """Relative squared 4-bit reconstruction error of the real latents ``z_l = X_l · A_l`` pooled over layers,
+    ``Σ_l ‖z_l − ẑ_l‖² / Σ_l ‖z_l‖²`` (:func:`kernels.quant.quant_error` per layer, weighted by ‖z_l‖²).
+
+    Keys: per channel over ``key_group``-token groups (axis −2); values: per token over the whole latent row
+    (``value_groups="row"``, ours) or per KV head (``"head"``: r / n_kv channels, the official code)."""
+    from kernels.quant import head_group_size, quant_error
+
+    if kind not in KINDS or value_groups not in ("row", "head"):
+        raise ValueError(f"kind must be one of {KINDS} and value_groups 'row' or 'head', got {kind!r}, "
+                         f"{value_groups!r}")
+    num = den = 0.0
+    for l, f in enumerate(factors):
+        z = torch.einsum("td,gdr->gtr", X[l].float(), f.A.float())          # [g, T, r/g]
+        z = z.permute(1, 0, 2).reshape(1, z.shape[1], -1)                    # joint latent [1, T, r], head-major
+        zz = float(z.double().pow(2).sum())
+        if kind == "k":
+            e = quant_error(z, scheme, key_group, -2)
+        else:
+            g = z.shape[-1] if value_groups == "row" else head_group_size(z.shape[-1], num_kv_heads)
+            e = quant_error(z, scheme, g, -1)
+        num, den = num + e * zz, den + zz
+    return num / den

@@ -8,7 +8,12 @@ Shapes (``W`` is the math-convention weight, ``y = x·W``, i.e. ``nn.Linear.weig
 
 Initialisations:
     svd       SVD of W;                                   A = U_r √Σ_r,            B = √Σ_r V_rᵀ
-    asvd      S = diag(mean|x|^α) (α = 0.5); SVD of S·W;   A = S⁻¹ U_r √Σ_r,        B = √Σ_r V_rᵀ
+    asvd      S = diag(m^α) (α = 0.5); SVD of S·W;         A = S⁻¹ U_r √Σ_r,        B = √Σ_r V_rᵀ
+              m = mean|x| per input channel (asvd_stat="mean", ours), or the official CSKV statistic
+              m = Σ_{i=1..N} mean_t|x_i,t| + 1e-6 over N calibration samples (asvd_stat="official_sum"; official
+              asvd_init_calib.py hook + init_asvd; = N·mean|x| + 1e-6 for equal-length samples). A·B does not depend
+              on a global scale c of m, but the split does: m → c·m gives A → c^{−α/2}·A, B → c^{α/2}·B (Adam is
+              not scale-invariant, so training from the two inits differs).
     whitened  C = XᵀX/n = L Lᵀ; SVD of Lᵀ·W;               A = L⁻ᵀ U_r √Σ_r,        B = √Σ_r V_rᵀ
               (the closed-form minimiser of ‖X W − X A B‖²_F — not in the paper; the optimum of its layer loss)
     random    A, B ~ N(0, 1/fan_in)
@@ -23,6 +28,7 @@ from typing import Iterator
 import torch
 
 INITS = ("random", "svd", "asvd", "whitened")
+ASVD_STATS = ("mean", "official_sum")
 KINDS = ("k", "v")
 
 
@@ -98,13 +104,33 @@ def rank_for_density(density: float, head_dim: int, num_kv_heads: int) -> int:
     return per_head * num_kv_heads
 
 
+def asvd_scale(act_abs_mean: torch.Tensor, alpha: float = 0.5, asvd_stat: str = "mean",
+               asvd_samples: int | None = None) -> torch.Tensor:
+    """ASVD's diagonal ``s = m^α`` (fp64) from mean |x| per input channel (module doc).
+
+    ``asvd_stat="mean"``: m = max(mean|x|, 1e-6). ``"official_sum"``: m = N·mean|x| + 1e-6 with N =
+    ``asvd_samples`` (the official ``calib_data += 1e-6`` on the sum over N samples of per-sample mean |x|)."""
+    if asvd_stat not in ASVD_STATS:
+        raise ValueError(f"asvd_stat must be one of {ASVD_STATS}, got {asvd_stat!r}")
+    m = act_abs_mean.double()
+    if asvd_stat == "official_sum":
+        if isinstance(asvd_samples, bool) or not isinstance(asvd_samples, int) or asvd_samples < 1:
+            raise ValueError(f"asvd_stat='official_sum' needs asvd_samples = the number of calibration samples "
+                             f"(a positive int), got {asvd_samples!r}")
+        return (asvd_samples * m + 1e-6) ** alpha
+    return m.clamp_min(1e-6) ** alpha
+
+
 def factorize(W: torch.Tensor, rank: int, groups: int = 1, init: str = "svd", act_abs_mean: torch.Tensor | None = None,
-              gram: torch.Tensor | None = None, alpha: float = 0.5, generator: torch.Generator | None = None) -> Factors:
+              gram: torch.Tensor | None = None, alpha: float = 0.5, generator: torch.Generator | None = None,
+              asvd_stat: str = "mean", asvd_samples: int | None = None) -> Factors:
     """Factor ``W`` [d_model, C] into ``A·B`` of total rank ``rank`` split over ``groups`` channel groups.
 
     Args:
         act_abs_mean: mean |x| per input channel (needed by ``asvd``).
         gram: XᵀX/n [d_model, d_model] of calibration inputs (needed by ``whitened``).
+        asvd_stat: ``"mean"`` (ours) or ``"official_sum"`` (the official CSKV statistic N·mean|x| + 1e-6; needs
+            ``asvd_samples`` = N); see :func:`asvd_scale`. Changes only the A/B scale balance, not A·B.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
@@ -126,7 +152,7 @@ def factorize(W: torch.Tensor, rank: int, groups: int = 1, init: str = "svd", ac
     if init == "asvd":
         if act_abs_mean is None:
             raise ValueError("init='asvd' needs act_abs_mean (mean |x| per input channel)")
-        s = act_abs_mean.double().clamp_min(1e-6) ** alpha
+        s = asvd_scale(act_abs_mean, alpha, asvd_stat, asvd_samples)
         left, left_inv = torch.diag(s), torch.diag(1.0 / s)
     elif init == "whitened":
         if gram is None:

@@ -12,7 +12,8 @@ from kernels.quant import (
     fake_quant_int4,
     quantize_int4,
 )
-from kernels.quant.quant_ref import pack_codes, unpack_codes
+from kernels.quant import head_group_size, quant_error
+from kernels.quant.quant_ref import _grouped_minmax, pack_codes, unpack_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -155,3 +156,82 @@ def test_appending_quantized_blocks_equals_quantizing_the_whole_cache(axis, grou
         assert torch.equal(getattr(parts, name), getattr(whole, name))
     with pytest.raises(ValueError, match="does not match"):
         cat_int4_tokens([whole, quantize_int4(x, 8 if axis == -1 else 16, axis)])
+
+
+# ---- the official CSKV scheme (integer zero point in [0, 15]) and the clipped STE ------------------------------
+def test_official_scheme_clips_a_group_that_excludes_zero_and_ours_does_not():
+    """min > 0 ⇒ zp = clamp(−round(min/scale), 0, 15) = 0 ⇒ representable range [0, max − min]: values above
+    max − min saturate. Ours (zero = min) represents [min, max]."""
+    x = (torch.linspace(0, 1, 16) + 10.0).reshape(1, 16)          # one group, all positive, range 1
+    off = quantize_int4(x, 16, -1, scheme="official")
+    assert torch.equal(off.zero, torch.zeros_like(off.zero)) and float(off.scale) == pytest.approx(1 / 15)
+    assert float(dequantize_int4(off).max()) == pytest.approx(1.0)     # 15·scale: everything saturates at 1.0
+    ours = dequantize_int4(quantize_int4(x, 16, -1))
+    assert float((ours - x).abs().max()) <= float(quantize_int4(x, 16, -1).scale) / 2 + 1e-6
+
+
+@pytest.mark.parametrize("shape,group_size,axis", LAYOUTS)
+def test_official_scheme_is_within_one_step_on_groups_that_contain_zero(shape, group_size, axis):
+    """min < 0 < max ⇒ zp = round(−min/scale) ∈ [0, 15]: the range [−zp·s, (15 − zp)·s] misses [min, max] by at most
+    s/2 at either end, so |x − x̂| ≤ s (rounding s/2 + zero-point rounding s/2)."""
+    x = _x(shape, torch.float32, seed=5) - 0.5                    # zero-mean
+    q = quantize_int4(x, group_size, axis, scheme="official")
+    mn, mx = (_expand(t, q) for t in _grouped_minmax(x, group_size, axis))
+    spans = (mn < 0) & (mx > 0)
+    assert float(spans.float().mean()) > 0.8
+    s, z = _expand(q.scale, q), _expand(q.zero, q)
+    zp = torch.round(-z / s)
+    assert bool(((zp >= 0) & (zp <= 15)).all()) and torch.allclose(zp * s, -z, atol=1e-6)   # integer zero point
+    assert bool(((dequantize_int4(q) - x).abs() <= s * (1 + 1e-5))[spans].all())
+
+
+def test_official_fake_quant_forward_equals_its_int4_storage():
+    x = _x((2, 3, 64, 8), torch.float32)
+    for axis, group in ((-2, 32), (-1, 8)):
+        fq = fake_quant_int4(x, group, axis, scheme="official")
+        st = dequantize_int4(quantize_int4(x, group, axis, scheme="official"))
+        assert torch.allclose(fq, st, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["reprise", "official"])
+def test_clipped_ste_zeroes_the_gradient_at_and_outside_the_range_only(scheme):
+    x = _x((4, 32, 8), torch.float32).requires_grad_(True)
+    y = fake_quant_int4(x, 8, -1, scheme=scheme, ste="clipped")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    q = quantize_int4(x.detach(), 8, -1, scheme=scheme)
+    lo = _expand(q.zero, q)
+    hi = lo + 15 * _expand(q.scale, q)
+    xs = x.detach()
+    outside = (xs <= lo) | (xs >= hi)
+    inside = (xs > lo + 1e-5) & (xs < hi - 1e-5)
+    assert torch.equal(x.grad[inside], grad[inside])
+    assert bool((x.grad[outside] == 0).all()) and int(outside.sum()) >= 32   # each group's min is on the bound
+    if scheme == "reprise":                                       # [min, max] is representable: only the bounds
+        assert bool((outside == ((xs == xs.amin(-1, keepdim=True)) | (xs >= hi))).all())
+
+
+def test_identity_ste_stays_the_default_and_head_groups_and_errors():
+    x = _x((2, 32, 16), torch.float32).requires_grad_(True)
+    fake_quant_int4(x, 16, -1).backward(torch.ones(2, 32, 16))
+    assert torch.equal(x.grad, torch.ones(2, 32, 16))
+    assert head_group_size(64, 2) == 32
+    with pytest.raises(ValueError, match="divide"):
+        head_group_size(10, 3)
+    z = _x((1, 64, 16), torch.float32)
+    assert quant_error(z, "reprise", 16, -1) == pytest.approx(
+        float((dequantize_int4(quantize_int4(z, 16, -1)) - z).pow(2).sum() / z.pow(2).sum()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scheme="kivi"), "scheme must be one of"),
+    (dict(ste="sigmoid"), "ste must be one of"),
+    (dict(scheme="official", impl="triton"), "only with impl='torch'"),
+])
+def test_bad_scheme_ste_or_official_triton_raise_value_error(kwargs, match):
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=match):
+        fake_quant_int4(x, 4, -1, **kwargs)
+    if "ste" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            quantize_int4(x, 4, -1, **kwargs)
