@@ -1,8 +1,12 @@
 """Evaluate KV-cache methods on :class:`~shared.tasks.PromptCase` lists — the engine every KV paper's tables use.
 
 Per batch of cases (equal context length): the exact context prefill runs **once** (:func:`record_prefill`) and is
-shared by all methods; each method compresses it into its own cache; then the forced tokens are decoded one at a
-time through that cache (true incremental decoding — no mixed-mask shortcut).
+shared by all methods; each method compresses it into its own cache; then the forced tokens go through that cache.
+Two modes, equal up to float reassociation (tests/cache/test_teacher_forced.py asserts it for every registered
+method): ``"step"`` decodes them one at a time (true incremental decoding, the reference); ``"forward"`` (the
+default of :func:`evaluate_methods`) runs ONE teacher-forced forward over all of them (:func:`forced_forward`),
+each query seeing the cache exactly as at its own step (CSKV's moving window through a per-query mixed mask, see
+shared/cache/lowrank.py). A cache whose layers do not declare ``supports_forced_forward`` is decoded step by step.
 
 Protocols (see shared/tasks/base.py):
     decode  prefill = context; decoded through the cache = question + answer prefix + answer (multi-turn use)
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from shared.cache.base import CompressedCache, PrefillRecord, attach, full_cache, record_prefill
+from shared.cache.base import CompressedCache, PrefillRecord, attach, forced_decoding, full_cache, record_prefill
 from shared.metrics import kl_divergence, token_nll, top1_agreement, wilson_interval
 from shared.tasks.base import PromptCase
 
@@ -50,19 +54,52 @@ def _positions(start_pos: int | torch.Tensor, batch: int, device) -> torch.Tenso
     return torch.full((batch, 1), int(start_pos), dtype=torch.long, device=device)
 
 
-def _step_mask(cache: CompressedCache, batch: int, n_new: int, device) -> torch.Tensor | None:
-    """[B, S + n_new] attention mask over the cache's context slots (``cache.kv_mask``) and the decoded tokens."""
+def _step_mask(cache: CompressedCache, batch: int, n_new: int, device, explicit: bool = False
+               ) -> torch.Tensor | None:
+    """[B, S + n_new] attention mask over the cache's context slots (``cache.kv_mask``) and the decoded tokens.
+    ``explicit``: all ones rather than None without padding (a multi-token forward over a cache must not leave the
+    causal alignment to SDPA's ``is_causal``, which is top-left)."""
+    if explicit:  # over every slot the cache holds (context + tokens decoded before) and the n_new tokens
+        n_ctx = 0 if cache.kv_mask is None else cache.kv_mask.shape[1]
+        ones = torch.ones(batch, cache.get_seq_length() + n_new - n_ctx, dtype=torch.long, device=device)
+        return ones if cache.kv_mask is None else torch.cat([cache.kv_mask.to(device).long(), ones], 1)
     if cache.kv_mask is None:
         return None
     return torch.cat([cache.kv_mask.to(device).long(), torch.ones(batch, n_new, dtype=torch.long, device=device)], 1)
 
 
+DECODE_MODES = ("step", "forward")
+
+
 @torch.no_grad()
-def decode_through(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int | torch.Tensor
+def forced_forward(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int | torch.Tensor
                    ) -> torch.Tensor:
-    """Feed ``tokens`` [B, n] one position at a time through ``cache``; returns logits [B, n, V] (fp32).
-    ``start_pos``: RoPE position of the first token (an int, or one per row: ``record.next_positions``); a cache
-    with a ``kv_mask`` (left-padded rows) is decoded with the matching attention mask."""
+    """Teacher forcing in ONE forward: logits [B, n, V] (fp32) of ``tokens`` [B, n] fed through ``cache`` at once,
+    equal to :func:`decode_through` step by step up to float reassociation (every query attends the cache as its own
+    decode step would). Raises ``ValueError`` if the cache does not declare ``supports_forced_forward``.
+
+    Afterwards the cache holds the n tokens as the n steps would leave it (same storage and bytes; the values of the
+    new tokens' K/V may differ from the steps' in the last float bits), so decoding can continue from it."""
+    B, n = tokens.shape
+    start = _positions(start_pos, B, tokens.device)
+    with forced_decoding(cache), attach(model, cache):
+        logits = model(input_ids=tokens, position_ids=start + torch.arange(n, device=tokens.device),
+                       past_key_values=cache, attention_mask=_step_mask(cache, B, n, tokens.device, explicit=True),
+                       use_cache=True).logits
+    return logits.float()
+
+
+@torch.no_grad()
+def decode_through(model, cache: CompressedCache, tokens: torch.Tensor, start_pos: int | torch.Tensor,
+                   mode: str = "step") -> torch.Tensor:
+    """Feed ``tokens`` [B, n] through ``cache``; returns logits [B, n, V] (fp32). ``start_pos``: RoPE position of the
+    first token (an int, or one per row: ``record.next_positions``); a cache with a ``kv_mask`` (left-padded rows) is
+    decoded with the matching attention mask. ``mode="step"`` (default, the reference): one position at a time;
+    ``"forward"``: :func:`forced_forward` when the cache supports it, else step by step (same numbers)."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode == "forward" and cache.supports_forced_forward:
+        return forced_forward(model, cache, tokens, start_pos)
     B = tokens.shape[0]
     out = []
     start = _positions(start_pos, B, tokens.device)
@@ -117,8 +154,11 @@ def _batches(cases: list[PromptCase], protocol: str, batch_size: int):
 
 @torch.no_grad()
 def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBuilder], protocol: str = "decode",
-                     batch_size: int = 4, pad_token_id: int = 0, desc: str = "cases") -> list[dict]:
+                     batch_size: int = 4, pad_token_id: int = 0, desc: str = "cases", mode: str = "forward"
+                     ) -> list[dict]:
     """Score every method on every case; the full cache is always evaluated (first) as the reference.
+    ``mode``: how the forced tokens go through each cache (module doc): ``"forward"`` (default; one teacher-forced
+    forward, caches that cannot do it are decoded step by step) or ``"step"`` (token by token, the reference).
 
     Returns one row per (method, case): ``{"method", "case", "correct", "answer_nll", "kl", "top1", "bytes",
     "full_bytes", "context_tokens"}``.
@@ -129,6 +169,8 @@ def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBu
         raise ValueError("no cases to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
     device = next(model.parameters()).device
     rows: list[dict] = []
     all_methods = {"full": full_cache, **{k: v for k, v in methods.items() if k != "full"}}
@@ -144,7 +186,7 @@ def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBu
         for name, build in all_methods.items():
             cache = build(record)
             stored = cache.stored_bytes()
-            logits = decode_through(model, cache, forced, start_pos=T)
+            logits = decode_through(model, cache, forced, start_pos=T, mode=mode)
             # logits_all[:, j] predicts forced[:, j]; the first comes from the prefill (the method's own if it has one).
             first = cache.prefill_logits if cache.prefill_logits is not None else record.last_logits
             logits_all = torch.cat([first[:, None], logits[:, :-1]], dim=1)
@@ -172,29 +214,46 @@ def evaluate_methods(model, cases: list[PromptCase], methods: dict[str, MethodBu
 
 
 def summarize(rows: list[dict], keys: tuple[str, ...] = ("method",)) -> list[dict]:
-    """Aggregate per-case rows: accuracy with n and 95% Wilson interval, mean NLL/KL/top-1, bytes ratio."""
+    """Aggregate per-case rows: accuracy with n and 95% Wilson interval, mean NLL/KL/top-1, bytes ratio.
+
+    A key a row lacks groups as ``None`` (e.g. the full cache has no compression ratio). Rows that carry a
+    ``seed`` (a trained method evaluated once per training seed) and are grouped without it are pooled: ``n``
+    counts case × seed evaluations, and ``seeds`` / ``accuracy_seed_range`` / ``kl_seed_range`` give the number of
+    seeds and the min–max of the per-seed means (the seed-to-seed spread the Wilson interval does not contain)."""
     groups = defaultdict(list)
     for r in rows:
-        groups[tuple(r[k] for k in keys)].append(r)
+        groups[tuple(r.get(k) for k in keys)].append(r)
     out = []
     for key, rs in groups.items():
         n, k = len(rs), sum(r["correct"] for r in rs)
         lo, hi = wilson_interval(k, n)
-        out.append({**dict(zip(keys, key)), "n": n, "accuracy": k / n, "ci95": [lo, hi],
-                    "answer_ppl": math.exp(sum(r["answer_nll"] for r in rs) / n),
-                    "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
-                    "bytes_ratio": sum(r["bytes"] for r in rs) / max(1, sum(r["full_bytes"] for r in rs))})
+        row = {**dict(zip(keys, key)), "n": n, "accuracy": k / n, "ci95": [lo, hi],
+               "answer_ppl": math.exp(sum(r["answer_nll"] for r in rs) / n),
+               "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
+               "bytes_ratio": sum(r["bytes"] for r in rs) / max(1, sum(r["full_bytes"] for r in rs))}
+        by_seed = defaultdict(list)
+        for r in rs:
+            if r.get("seed") is not None and "seed" not in keys:
+                by_seed[r["seed"]].append(r)
+        if len(by_seed) > 1:
+            accs = [sum(r["correct"] for r in v) / len(v) for v in by_seed.values()]
+            kls = [sum(r["kl"] for r in v) / len(v) for v in by_seed.values()]
+            row.update({"seeds": len(by_seed), "accuracy_seed_range": [min(accs), max(accs)],
+                        "kl_seed_range": [min(kls), max(kls)]})
+        out.append(row)
     return out
 
 
 def evaluate_task(model, tokenizer, task: str, context_tokens: int, n_cases: int, seed: int,
                   methods: dict[str, MethodBuilder], protocol: str = "decode", batch_size: int = 4,
-                  labels: dict[str, dict] | None = None, cell=None, full_cache_min_accuracy: float | None = None
-                  ) -> list[dict]:
+                  labels: dict[str, dict] | None = None, cell=None, full_cache_min_accuracy: float | None = None,
+                  return_cases: bool = False) -> list[dict] | tuple[list[dict], list[dict]]:
     """One table cell group: ``n_cases`` seeded cases of a registered task at ``context_tokens``, every method (and
     the full cache) scored on the same cases. Returns summary rows tagged with task/length/protocol and
     ``labels[method]``; ``cell(name, metrics, params)`` logs each row (MLflow). With ``full_cache_min_accuracy``,
-    a full cache below it raises (the prompt format or model is broken: no method rows are published)."""
+    a full cache below it raises (the prompt format or model is broken: no method rows are published).
+    With ``return_cases``: ``(summary rows, per-case rows)``, the per-case rows tagged the same way (paired
+    statistics between methods need them: every method is scored on the same cases)."""
     from shared.tasks.registry import make_cases
 
     cases = make_cases(task, tokenizer, context_tokens, n_cases, seed)
@@ -207,9 +266,11 @@ def evaluate_task(model, tokenizer, task: str, context_tokens: int, n_cases: int
             cell(f"{task}/{context_tokens}/{protocol}/{s['method']}",
                  {k: s[k] for k in ("accuracy", "answer_ppl", "kl", "top1", "bytes_ratio")}, s)
         out.append(s)
+    for r in rows:
+        r.update({"task": task, "length": context_tokens, "protocol": protocol, **(labels or {}).get(r["method"], {})})
     full = next(r for r in out if r["method"] == "full")
     if full_cache_min_accuracy is not None and full["accuracy"] < full_cache_min_accuracy:
         raise RuntimeError(f"full-cache accuracy on {task}@{context_tokens} is {full['accuracy']:.2f} < "
                            f"{full_cache_min_accuracy} (the range measured for the uncompressed model): refusing to "
                            "publish method rows — check the prompt format / model before comparing methods")
-    return out
+    return (out, rows) if return_cases else out

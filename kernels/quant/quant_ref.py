@@ -300,7 +300,8 @@ def quantize_int4(x: Tensor, group_size: int, axis: int = -1, scheme: str = "rep
         pick = (lambda t: t[..., ::group_size, :]) if axis == -2 else (lambda t: t[..., ::group_size])
         scale_g, zp_g = pick(scale), pick(zp)
         zero_g = -zp_g * scale_g                                        # x̂ = code·scale + zero = (code − zp)·scale
-        return Int4Tensor(pack_codes(codes).contiguous(), scale_g.contiguous(), zero_g.contiguous(),
+        # clone: a strided pick of a size-1 group dim is "contiguous" yet keeps the full per-element storage alive
+        return Int4Tensor(pack_codes(codes).contiguous(), scale_g.clone(), zero_g.clone(),
                           torch.Size(x.shape), group_size, axis)
     x32 = x.float()
     mn, mx = _grouped_minmax(x32, group_size, axis)

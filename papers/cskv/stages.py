@@ -310,7 +310,7 @@ class Methods:
     def lowrank(self, init, dk, dv, per_head=False, trained=True, qat=None, **params) -> list[tuple]:
         """``[(seed, builder), ...]`` of a lowrank cache with these factor sets (``params``: lowrank method params)."""
         impl = self.p.eval.impl if per_head else "torch"   # the fused kernel serves the per-head decomposition
-        params = {"window": self.p.window, **params}
+        params = {"window": self.p.window, "current_exact": True, **params}   # official W = 0 rule (no-op for W > 0)
         out = []
         for seed in (self.p.train.seeds if trained else [None]):
             fk = self.factors("k", init, dk, per_head, trained, qat, seed)

@@ -19,6 +19,15 @@ Left padding: ``record_prefill(..., attention_mask=)`` keeps the mask and per-ro
 ``kv_mask`` [B, S] over its context slots (False = padding) that :func:`shared.kv_eval.decode_through` extends while
 decoding, so a padded row decodes as it would alone.
 
+Teacher forcing (:func:`shared.kv_eval.forced_forward`): the forced tokens of an evaluation (question + answer) can
+run as ONE multi-token forward instead of n one-token steps. A layer opts in with
+:attr:`CompressedLayer.supports_forced_forward` (default False: an unknown layer is decoded step by step): it then
+guarantees that, while :func:`forced_decoding` is active, one ``update`` + attention over n new tokens gives every
+query the attention it would get at its own decode step (up to float reassociation), and leaves the layer's storage
+as the n steps would. Appending exactly (:class:`ExactLayer`) or a fixed per-token transform (MatryoshkaKV) is
+causal already; a layer whose stored form of a key depends on the query step (CSKV's blocked window) returns several
+copies of the keys and a per-query mask choosing one copy per key (see ``shared.cache.lowrank``).
+
 Byte accounting counts the real storage of the tensors a layer *keeps* (:meth:`CompressedLayer.stored_tensors`);
 compute scratch (e.g. a materialized reconstruction, identical to re-reconstructing every step) is excluded.
 Every layer also states its :meth:`CompressedLayer.analytic_bytes` (the formula), and tests assert both agree.
@@ -57,6 +66,15 @@ def _fallback_attention(module, previous: str):
         if fn is not None:
             return fn
     return sdpa_attention_forward
+
+
+def model_attention(module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor:
+    """The model's own attention implementation (what the router falls back to) on given K/V and mask; for a
+    layer's :meth:`CompressedLayer.attend` that changes the K/V or the mask but not the attention itself."""
+    previous = getattr(module, "_reprise_previous_impl", "sdpa")
+    kwargs.pop("dropout", None)
+    return _fallback_attention(module, previous)(module, query, key, value, attention_mask, scaling=scaling,
+                                                 dropout=0.0, **kwargs)[0]
 
 
 def _routed(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -202,9 +220,14 @@ class CompressedLayer(DynamicLayer):
     attention should read, post-RoPE), :meth:`stored_tensors` (what the method really keeps) and
     :meth:`analytic_bytes` (the same by formula). A layer that computes attention itself overrides :meth:`attend`."""
 
+    #: True when one multi-token forward under :func:`forced_decoding` equals token-by-token decoding (module doc);
+    #: a layer may make it depend on its configuration (a property). False: evaluators decode step by step.
+    supports_forced_forward: bool = False
+
     def __init__(self):
         super().__init__()
         self.is_initialized = True
+        self.forced_decode = False  # set by forced_decoding(): a multi-token update is decoded tokens, not a prefill
 
     def observe(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Called with the attention input before :meth:`update`; default: unused."""
@@ -249,9 +272,34 @@ class CompressedCache(Cache):
     def analytic_bytes(self) -> int:
         return sum(layer.analytic_bytes() for layer in self.layers)
 
+    @property
+    def supports_forced_forward(self) -> bool:
+        """Every layer can decode n forced tokens in one forward exactly (:func:`shared.kv_eval.forced_forward`)."""
+        return all(getattr(layer, "supports_forced_forward", False) for layer in self.layers)
+
+
+@contextmanager
+def forced_decoding(cache: CompressedCache) -> Iterator[None]:
+    """While active, a multi-token update of ``cache``'s layers is n teacher-forced decode steps in one forward
+    (not a prefill chunk); the cache must declare :attr:`CompressedCache.supports_forced_forward`."""
+    if not cache.supports_forced_forward:
+        bad = sorted({type(l).__name__ for l in cache.layers if not getattr(l, "supports_forced_forward", False)})
+        raise ValueError(f"cache {cache.method!r} has layers that cannot decode forced tokens in one forward "
+                         f"({', '.join(bad)}); decode it step by step (shared.kv_eval.decode_through mode='step')")
+    for layer in cache.layers:
+        layer.forced_decode = True
+    try:
+        yield
+    finally:
+        for layer in cache.layers:
+            layer.forced_decode = False
+
 
 class ExactLayer(CompressedLayer):
-    """Keeps given keys/values and appends new tokens exactly (full cache, and eviction methods after selection)."""
+    """Keeps given keys/values and appends new tokens exactly (full cache, and eviction methods after selection).
+    Appending n tokens at once is n steps under the causal mask: it supports the forced single forward."""
+
+    supports_forced_forward = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()

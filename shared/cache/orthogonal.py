@@ -303,7 +303,12 @@ def project_kv(model, projection: KVProjection, ranks: torch.Tensor | None = Non
 # ---- the latent KV cache -----------------------------------------------------------------------------------
 class MatryoshkaLayer(CompressedLayer):
     """Stores per-head latents K'_h [B, T, r_K,h] and V'_h [B, T, r_V,h]; ``update`` projects new post-RoPE K/V and
-    returns all latents zero-padded to the layer's widest head (what :func:`latent_attention` reads)."""
+    returns all latents zero-padded to the layer's widest head (what :func:`latent_attention` reads).
+
+    Every token is stored by the same fixed projection whatever the step, so n forced tokens projected and attended
+    in one forward (causal mask) equal n decode steps: ``supports_forced_forward``."""
+
+    supports_forced_forward = True
 
     def __init__(self, bases: LayerBases, ranks: torch.Tensor):
         super().__init__()

@@ -161,3 +161,30 @@ def test_bad_arguments_raise_clear_errors(tiny_llama):
         LowRankLayer(fk, fv, 2, window=-1)
     with pytest.raises(RuntimeError, match="attach"):
         LowRankLayer(fk, fv, 2).update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+
+
+@pytest.mark.parametrize("scheme,groups", [("official", "head"), ("official", "row"), ("reprise", "head")])
+def test_quantizer_semantics_options(tiny_llama, scheme, groups):
+    """The official quantizer / per-head value groups store real int4 latents, count bytes exactly, quantize the
+    latents with the chosen scheme and group, and change the output vs ours (same factors, same tokens)."""
+    from kernels.quant import dequantize_int4, quantize_int4
+
+    rec = record_prefill(tiny_llama, _ids(7, 100))
+    f = _factors(tiny_llama, 0.5)
+    ours = lowrank_cache(rec, f, 2, window=8, quantize=True)
+    other = lowrank_cache(rec, f, 2, window=8, quantize=True, quant_scheme=scheme, value_groups=groups)
+    for layer in other.layers:
+        real = sum(t.untyped_storage().nbytes() for t in layer.stored_tensors())
+        assert layer.stored_bytes() == real == layer.analytic_bytes()
+    layer, (qk, qv) = other.layers[0], other.layers[0].q_chunks[0]
+    rv = layer.fv.A.shape[-1]
+    assert layer.value_group == (rv // 2 if groups == "head" else rv)
+    # the stored first key group is exactly what kernels.quant gives for that scheme
+    z = torch.cat([dequantize_int4(qk)], 2)
+    zk_again = quantize_int4(z.contiguous(), QUANT_GROUP, axis=-2, scheme=scheme)
+    torch.testing.assert_close(dequantize_int4(zk_again), z, rtol=0, atol=1e-5)
+    a = decode_through(tiny_llama, ours, _ids(8, 4), 100)
+    b = decode_through(tiny_llama, other, _ids(8, 4), 100)
+    assert (a - b).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="value_groups"):
+        lowrank_cache(rec, f, 2, window=8, quantize=True, value_groups="token")
