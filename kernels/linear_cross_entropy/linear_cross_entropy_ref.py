@@ -222,7 +222,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_e:
                 de[s:s + chunk] = dz @ c                                  # ∇E = ∇Z C
             if need_c:
-                dc += (dz.T @ es).to(acc)                                 # ∇C = ∇Zᵀ E
+                if dz.dtype == acc:                                       # ∇C += ∇Zᵀ E, in place: no V×D
+                    dc.addmm_(dz.T, es)                                   # temporary per chunk
+                else:
+                    dc += (dz.T @ es).to(acc)                             # ∇C = ∇Zᵀ E
         return (de, dc.to(c.dtype) if need_c else None, db.to(bias.dtype) if need_b else None,
                 None, None, None, None, None, None)
 

@@ -13,6 +13,9 @@ came back as 0 bytes in this torch build, so neither gives a peak. Instead:
 * :func:`analytic_loss_memory` counts the same quantities from the algorithm of each implementation (Eq. 1 and
   Eqs. 3–4 of the paper; the baseline follows ``F.cross_entropy((e @ cᵀ).float(), y)``), so it can be evaluated at
   the paper's Gemma-2 (2B) shape where nothing can be run on a 2-core CPU.
+* :func:`measure_memory` is the same counter around any ``(e, c, y) -> loss`` callable on given inputs: the stage
+  runs it on real Gemma 3 hidden states and classifier for our kernels (:func:`kernel_loss_fn`) and for the
+  official ``cut-cross-entropy`` package (:func:`official_loss_fn`).
 
 Conventions (both functions): bytes, inputs ``e [N, D]`` and ``c [V, D]`` not counted, gradients ``∇E``, ``∇C``
 counted in ``fw+bw``; ``fw`` is the peak while computing the loss with inputs requiring grad.
@@ -23,6 +26,7 @@ import math
 import time
 import weakref
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -62,8 +66,9 @@ def analytic_loss_memory(impl: str, n: int, d: int, v: int, dtype_bytes: int = 2
     * ``torch`` (the paper's baseline): logits ``N·V`` in the input dtype, an fp32 copy when the dtype is not fp32,
       and the fp32 log-softmax saved for backward; backward holds the saved log-softmax, its incoming gradient and
       the gradient it returns (``3·N·V·4``), then the logit gradient in the input dtype with ``∇E``/``∇C``.
-    * ``torch_chunked`` (``k = chunk_size`` tokens at a time, TorchTune-style): forward one ``k·V`` logit block
-      (+ its fp32 copy, + the previous block's until it is released) and the per-token LSE/NLL; backward ``z``, ``z − lse`` and ``S`` for one block
+    * ``torch_chunked`` (``k = chunk_size`` tokens at a time, TorchTune-style): forward the compacted copy of ``e``,
+      one ``k·V`` logit block in fp32 (+ the 16-bit matmul output first) with two fp32 temporaries of its row
+      log-sum-exp, and the per-token max / log-sum / NLL; backward ``z``, ``z − lse`` and ``S`` for one block
       (``3·k·V·4``) plus an fp32 ``∇C`` accumulator and ``∇E``.
     * ``triton`` (CCE): forward only the per-token LSE and the target logit (``2·N·4``, the logits live in SRAM);
       backward the gradients, plus a bounded fp32 ``∇C`` scratch (≤ 64 MiB) for 16-bit classifiers.
@@ -88,9 +93,10 @@ def analytic_loss_memory(impl: str, n: int, d: int, v: int, dtype_bytes: int = 2
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         k = min(n, chunk_size or n)
         kv = k * v
-        # one logit block (+ its fp32 copy) while the previous block's fp32 logits are still referenced, LSE, NLL
-        fw_peak = kv * (s + upcast) + (kv * f32 if k < n else 0) + 2 * n * f32
-        fw_saved = n * f32                              # LSE (targets/valid mask are tiny and not counted)
+        # the compacted copy of e (valid rows), one logit block (+ its fp32 copy) and two fp32 block temporaries of
+        # the row log-sum-exp (z − max, exp), the per-token max / log-sum / NLL
+        fw_peak = n * d * s + (kv * s if s != f32 else 0) + 3 * kv * f32 + 3 * n * f32
+        fw_saved = n * d * s + 3 * n * f32              # e copy, max, log-sum, NLL (targets are tiny, not counted)
         dc_acc = v * d * f32                            # fp32 ∇C accumulator
         bw_peak = max(3 * kv * f32, 2 * kv * f32 + v * d * f32) + dc_acc + n * d * s
         return LossMemory(fw_peak, fw_saved, max(fw_peak, bw_peak + (v * d * s if s != f32 else 0)),
@@ -133,20 +139,20 @@ class _LiveStorageCounter(TorchDispatchMode):
         return out
 
 
-def measure_loss_memory(impl: str, n: int, d: int, v: int, dtype: torch.dtype = torch.float32,
-                        chunk_size: int | None = None, seed: int = 0) -> tuple[LossMemory, float]:
-    """Measured bytes of one forward + backward of ``linear_cross_entropy(e, c, y, impl=impl)`` on random inputs
-    (``e ~ N(0, 1)``, ``c ~ N(0, 1/D)``), and the wall time in seconds. ``impl="triton"`` on CPU needs
-    ``TRITON_INTERPRET=1`` set before the kernel module is first imported (tiny shapes only: it is slow)."""
-    from kernels.linear_cross_entropy import linear_cross_entropy
-
-    if impl not in MEMORY_IMPLS:
-        raise ValueError(f"impl must be one of {MEMORY_IMPLS}, got {impl!r}")
-    _check_shape(n, d, v)
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
-    c = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype).requires_grad_()
-    y = torch.randint(0, v, (n,), generator=g)
+def measure_memory(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], e: torch.Tensor,
+                   c: torch.Tensor, y: torch.Tensor) -> tuple[LossMemory, float]:
+    """Measured bytes of one forward + backward of ``loss_fn(e, c, y)`` (a scalar loss) on the given inputs, and the
+    wall time in seconds. ``e`` and ``c`` enter as fresh leaves requiring grad that share the callers' storage, so
+    the inputs are excluded and both gradients (``∇E``, ``∇C``) are counted (see the module docstring)."""
+    for name, t in (("e", e), ("c", c)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D floating-point tensor, got "
+                             f"{type(t).__name__ if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
+    if e.shape[1] != c.shape[1] or not isinstance(y, torch.Tensor) or tuple(y.shape) != (e.shape[0],):
+        raise ValueError(f"shapes must be e [N, D], c [V, D], y [N]; got {tuple(e.shape)}, {tuple(c.shape)}, "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else y!r}")
+    e = e.detach().requires_grad_()
+    c = c.detach().requires_grad_()
     inputs = {e.untyped_storage().data_ptr(), c.untyped_storage().data_ptr()}
     saved: dict[int, int] = {}
 
@@ -157,14 +163,61 @@ def measure_loss_memory(impl: str, n: int, d: int, v: int, dtype: torch.dtype = 
         return t
 
     counter = _LiveStorageCounter()
-    kwargs = {"chunk_size": chunk_size} if impl == "torch_chunked" else {}
     t0 = time.perf_counter()
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = linear_cross_entropy(e, c, y, impl=impl, **kwargs)
+        loss = loss_fn(e, c, y)
         fw_peak = counter.peak
         loss.backward()
     seconds = time.perf_counter() - t0
+    del loss
     return LossMemory(fw_peak, sum(saved.values()), counter.peak, counter.largest), seconds
 
 
-__all__ = ["MEMORY_IMPLS", "LossMemory", "analytic_loss_memory", "measure_loss_memory"]
+def kernel_loss_fn(impl: str, chunk_size: int | None = None, **kwargs) -> Callable:
+    """``(e, c, y) -> loss`` of :func:`kernels.linear_cross_entropy.linear_cross_entropy` with ``impl`` (``kwargs``:
+    e.g. ``filter_eps``, ``filter_block`` for the filtered ``torch_chunked`` path)."""
+    from kernels.linear_cross_entropy import linear_cross_entropy
+
+    if impl not in MEMORY_IMPLS:
+        raise ValueError(f"impl must be one of {MEMORY_IMPLS}, got {impl!r}")
+    if impl == "torch_chunked":
+        kwargs = {"chunk_size": chunk_size, **kwargs}
+    return lambda e, c, y: linear_cross_entropy(e, c, y, impl=impl, **kwargs)
+
+
+def official_loss_fn(impl: str = "torch_compile") -> Callable | None:
+    """``(e, c, y) -> loss`` of the official package (``pip install cut-cross-entropy``), or None when it is not
+    installed. On CPU only its ``torch_compile`` impl runs (its ``cce`` impl is a CUDA Triton kernel); run it with
+    ``TORCHDYNAMO_DISABLE=1`` to measure the eager graph (``e @ cᵀ`` then ``F.cross_entropy(logits.float(), y)``);
+    the call also runs under ``torch.compiler.set_stance("force_eager")`` so it is eager however it was imported."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy as official
+    except ImportError:
+        return None
+
+    def loss(e: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # TORCHDYNAMO_DISABLE only takes effect if set before the package is imported (its @torch.compile is
+        # resolved at import); force_eager runs the compiled function's Python body whenever it was imported.
+        with torch.compiler.set_stance("force_eager"):
+            return official(e, c, y, impl=impl)
+
+    return loss
+
+
+def measure_loss_memory(impl: str, n: int, d: int, v: int, dtype: torch.dtype = torch.float32,
+                        chunk_size: int | None = None, seed: int = 0, **kwargs) -> tuple[LossMemory, float]:
+    """Measured bytes of one forward + backward of ``linear_cross_entropy(e, c, y, impl=impl)`` on random inputs
+    (``e ~ N(0, 1)``, ``c ~ N(0, 1/D)``), and the wall time in seconds. ``impl="triton"`` on CPU needs
+    ``TRITON_INTERPRET=1`` set before the kernel module is first imported (tiny shapes only: it is slow)."""
+    if impl not in MEMORY_IMPLS:
+        raise ValueError(f"impl must be one of {MEMORY_IMPLS}, got {impl!r}")
+    _check_shape(n, d, v)
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(n, d, generator=g).to(dtype)
+    c = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    return measure_memory(kernel_loss_fn(impl, chunk_size, **kwargs), e, c, y)
+
+
+__all__ = ["MEMORY_IMPLS", "LossMemory", "analytic_loss_memory", "kernel_loss_fn", "measure_loss_memory",
+           "measure_memory", "official_loss_fn"]

@@ -11,7 +11,9 @@ Loss implementations (``impl``):
   ``"triton"`` is the CCE kernel (blockwise LSE in SRAM, gradient filtering, optional vocabulary sorting; GPU, or
   the Triton interpreter on tiny shapes); ``"torch_chunked"`` is its exact PyTorch counterpart that keeps only the
   per-token LSE from the forward and recomputes logits block by block in the backward — chunked over *tokens*,
-  with the whole vocabulary per block and **no gradient filtering** (filtering exists only in the Triton path).
+  with the whole vocabulary per block; exact by default, and with a numeric ``filter_eps`` it applies the Triton
+  kernel's gradient filter (tiles of ``filter_block`` whose ``|S − Y|`` all fall below ``filter_eps`` are skipped),
+  so the approximation runs on a CPU at the real vocabulary. Gemma's ``final_logit_softcapping`` is passed on.
 
 The CPU convergence run trains only the last blocks. Because the frozen prefix gives the same features whatever the
 loss, :func:`frozen_prefix_hidden` computes them once and :func:`trainable_suffix` is the same model with only the
@@ -102,7 +104,7 @@ class CausalLMFineTune(L.LightningModule):
 
     def __init__(self, model: nn.Module, impl: str = "torch", lr: float = 1e-4, weight_decay: float = 0.0,
                  total_steps: int = 100, chunk_size: int | None = None, filter_eps: str | float | None = "auto",
-                 vocab_sort: bool = False):
+                 vocab_sort: bool = False, filter_block: tuple[int, int] | None = None):
         super().__init__()
         if impl not in LOSS_IMPLS:
             raise ValueError(f"impl must be one of {LOSS_IMPLS}, got {impl!r}")
@@ -120,6 +122,7 @@ class CausalLMFineTune(L.LightningModule):
         self.model = model
         self.impl, self.lr, self.weight_decay, self.total_steps = impl, float(lr), float(weight_decay), total_steps
         self.chunk_size, self.filter_eps, self.vocab_sort = chunk_size, filter_eps, vocab_sort
+        self.filter_block = None if filter_block is None else tuple(filter_block)
         self.step_losses: list[float] = []
 
     @staticmethod
@@ -141,7 +144,8 @@ class CausalLMFineTune(L.LightningModule):
         kwargs = {"chunk_size": self.chunk_size} if self.impl == "torch_chunked" else {}
         return linear_cross_entropy(hidden.to(head.weight.dtype), head.weight, labels, getattr(head, "bias", None),
                                     ignore_index=-100, reduction="mean", shift=True, filter_eps=self.filter_eps,
-                                    vocab_sort=self.vocab_sort, impl=self.impl, **kwargs)
+                                    vocab_sort=self.vocab_sort, impl=self.impl, filter_block=self.filter_block,
+                                    softcap=getattr(self.model.config, "final_logit_softcapping", None), **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -173,15 +177,17 @@ class CausalLMFineTune(L.LightningModule):
 
 def fine_tune(model: nn.Module, batches: list[dict], impl: str, steps: int, lr: float, seed: int = 0,
               weight_decay: float = 0.0, chunk_size: int | None = None, logger=None,
-              progress: bool = True) -> CausalLMFineTune:
-    """Run ``steps`` AdamW steps over ``batches`` in their given order (cycled), seeded; returns the module."""
+              progress: bool = True, filter_eps: str | float | None = "auto",
+              filter_block: tuple[int, int] | None = None) -> CausalLMFineTune:
+    """Run ``steps`` AdamW steps over ``batches`` in their given order (cycled), seeded; returns the module.
+    ``filter_eps`` / ``filter_block``: gradient filtering of the loss (see :class:`CausalLMFineTune`)."""
     if not batches:
         raise ValueError("batches must not be empty")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     L.seed_everything(seed, workers=True, verbose=False)
     module = CausalLMFineTune(model, impl=impl, lr=lr, weight_decay=weight_decay, total_steps=steps,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, filter_eps=filter_eps, filter_block=filter_block)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
                         logger=logger or False, enable_checkpointing=False, enable_progress_bar=progress,
                         enable_model_summary=False, deterministic=True, log_every_n_steps=1,
