@@ -47,8 +47,7 @@ ui-check: setup
 
 # GPU benchmarks (run on a CUDA machine); each writes JSON + a markdown table under reports/.
 bench-gpu: setup
-	$(BIN)/python -m kernels.bench.latent_attention_bench --device cuda --out reports/cskv_kernels
-	$(BIN)/python -m kernels.bench.linear_cross_entropy_bench --device cuda --out reports/cut_cross_entropy_kernels
+	$(BIN)/python -m kernels.bench --device cuda --out reports
 
 clean-results:
 	rm -rf papers/*/results mlflow.db mlartifacts

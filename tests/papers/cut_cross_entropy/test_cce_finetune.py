@@ -180,9 +180,16 @@ def test_convergence_verdict_rule():
     assert verdict(torch_chunked=exact, **{"torch_chunked+filter": _cmp(diff=2e-3, low=1e-3, high=3e-3)}) \
         == "reproduced"                                 # a real but tiny shift is still inside ±0.01 nats
     assert verdict(torch_chunked=exact) == "partially reproduced"       # filtering not run
-    for bad in (_cmp(low=-0.02), _cmp(high=0.011), _cmp(ma=0.06), _cmp(val=0.02)):
+    # the whole interval beyond the ±0.01 margin, or a point criterion failing: the curves differ
+    for bad in (_cmp(diff=-0.03, low=-0.04, high=-0.02), _cmp(diff=0.02, low=0.011, high=0.03), _cmp(ma=0.06),
+                _cmp(val=0.02)):
         assert verdict(torch_chunked=exact, **{"torch_chunked+filter": bad}) == "not reproduced"
-    assert verdict(torch_chunked=_cmp(high=0.5), **{"torch_chunked+filter": exact}) == "not reproduced"
+    assert verdict(torch_chunked=_cmp(diff=0.3, low=0.1, high=0.5), **{"torch_chunked+filter": exact}) \
+        == "not reproduced"
+    # an interval straddling the margin is neither equivalence nor a difference: inconclusive at this n
+    for straddle in (_cmp(diff=-0.007, low=-0.0108, high=-0.0032), _cmp(high=0.011)):
+        assert verdict(torch_chunked=exact, **{"torch_chunked+filter": straddle}) == "partially reproduced"
+        assert verdict(torch_chunked=straddle, **{"torch_chunked+filter": straddle}) == "inconclusive"
 
 
 def test_filtered_fine_tuning_passes_the_filter_to_the_loss(tiny_lm, batch):
