@@ -183,6 +183,8 @@ QUANT_SCHEMES = {"official": {"scheme": "official", "ste": "clipped", "value_gro
 def factor_name(kind: str, init: str, d: float, per_head: bool, trained: bool, qat: str | None = None,
                 seed: int | None = None) -> str:
     """``qat``: the QAT quantizer scheme (None: no QAT); ``"reprise"`` keeps the historical ``-qat`` suffix."""
+    if qat not in (None, False) and qat not in QUANT_SCHEMES:
+        raise ValueError(f"qat must be None or a quantizer scheme {sorted(QUANT_SCHEMES)}, got {qat!r}")
     name = f"{kind}-{init}-d{d:g}-{'head' if per_head else 'joint'}-{'trained' if trained else 'init'}"
     if qat:
         name += "-qat" if qat == "reprise" else f"-qat-{qat}"

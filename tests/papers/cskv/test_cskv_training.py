@@ -62,11 +62,13 @@ def test_factor_sets_cover_every_table_method():
     names = {fs["name"] for fs in needed_factor_sets(p)}
     d = density(p.ablation.compression_ratio)
     assert len(p.train.seeds) >= 3                                          # trained rows: one set per seed
+    assert set(p.quant.schemes) == {"official", "reprise"}                  # Table 5 runs both side by side
     for kind in ("k", "v"):
         for init in ("random", "svd", "asvd"):
             assert factor_name(kind, init, d, False, False) in names
         for s in p.train.seeds:
-            assert factor_name(kind, p.train.init, d, False, True, True, s) in names   # Table 5 QAT
+            for scheme in p.quant.schemes:                                   # Table 5 QAT, one set per quantizer
+                assert factor_name(kind, p.train.init, d, False, True, scheme, s) in names
             for init in ("random", "svd", "asvd"):
                 assert factor_name(kind, init, d, False, True, seed=s) in names
             for r in p.table1.compression_ratios:                           # Table 1's low-rank rows
