@@ -148,21 +148,27 @@ def test_filter_eps_above_one_drops_every_tile_including_the_targets(impl):
     assert stats["blocks_kept"] == 0 and stats["blocks_total"] == 2 * 3 and stats["tokens"] == 26
 
 
+def _popular_tokens(n: int, d: int, v: int):
+    """Inputs whose softmax mass sits on 6 popular tokens scattered over the vocabulary (6 of the 8 tiles of 32 for
+    v = 256): every hidden state points along one direction u, the popular classifier rows too; targets are popular."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    e = u * 4.0 + 0.1 * torch.randn(n, d, generator=g)
+    c = 0.05 * torch.randn(v, d, generator=g)
+    popular = torch.arange(5, v, 37)[:6]
+    c[popular] += 3.0 * u
+    return e, c, popular[torch.randint(0, len(popular), (n,), generator=g)]
+
+
 @requires_triton
 def test_vocabulary_sorting_clusters_popular_tokens_into_fewer_tiles():
     """§4.3: a few tokens with high logits for every input, scattered over the vocabulary, share one tile once the
     vocabulary is ordered by average logit — fewer tiles survive the filter, gradients are unchanged."""
     from kernels.linear_cross_entropy.linear_cross_entropy_triton import TritonOptions, linear_cross_entropy_triton
 
-    g = torch.Generator().manual_seed(0)
     n, d, v = 32, 16, 256
-    u = torch.randn(d, generator=g)
-    u /= u.norm()
-    e = u * 4.0 + 0.1 * torch.randn(n, d, generator=g)
-    c = 0.05 * torch.randn(v, d, generator=g)
-    popular = torch.arange(5, v, 37)[:6]  # scattered over 6 of the 8 tiles of 32
-    c[popular] += 3.0 * u
-    t = popular[torch.randint(0, len(popular), (n,), generator=g)]
+    e, c, t = _popular_tokens(n, d, v)
     eps = default_filter_eps(torch.bfloat16)
     results = {}
     for sort, filt in ((False, eps), (True, eps), (False, None)):
@@ -246,15 +252,8 @@ def test_filter_eps_zero_is_bitwise_the_exact_gradient(impl):
 def test_gradient_filter_stats_counts_tiles_independent_of_chunking():
     """Chunk sizes do not change the count (chunks are rounded to whole tiles); a larger eps keeps fewer tiles;
     eps = 0 keeps all; popular tokens scattered over the vocabulary fall into fewer tiles once sorted."""
-    g = torch.Generator().manual_seed(0)
     n, d, v = 64, 16, 256
-    u = torch.randn(d, generator=g)
-    u /= u.norm()
-    e = u * 4.0 + 0.1 * torch.randn(n, d, generator=g)
-    c = 0.05 * torch.randn(v, d, generator=g)
-    popular = torch.arange(5, v, 37)[:6]
-    c[popular] += 3.0 * u
-    t = popular[torch.randint(0, len(popular), (n,), generator=g)]
+    e, c, t = _popular_tokens(n, d, v)
     t[:3] = -100
     kw = dict(filter_block=(16, 32))
     base = gradient_filter_stats(e, c, t, filter_eps=1e-4, **kw)
