@@ -138,16 +138,23 @@ def average_over(cases: list[dict], key: str) -> list[dict]:
     return out
 
 
-def paired_claim(claim_id: str, cases: list[dict], a: dict, b: dict, name_a: str, name_b: str,
-                 metrics: dict[str, str], note: str = "") -> dict:
-    """A claim row from one or more paired comparisons of A vs B: ``metrics`` maps a metric to the direction the
-    paper claims (``{"accuracy": "a>b", "kl": "a<b"}``); the verdict is :func:`combine` of the outcomes."""
+def paired_outcome(cases: list[dict], a: dict, b: dict, name_a: str, name_b: str,
+                   metrics: dict[str, str]) -> tuple[str, str]:
+    """``(text, verdict)`` of one or more paired comparisons of A vs B: ``metrics`` maps a metric to the direction
+    the paper claims (``{"accuracy": "a>b", "kl": "a<b"}``); the verdict is :func:`combine` of the outcomes."""
     parts, outs = [], []
     for metric, expect in metrics.items():
         res = compare(cases, a, b, metric)
         outs.append(outcome(res, expect))
         parts.append(describe(res, name_a, name_b, digits=2 if metric == "accuracy" else 3))
-    return claim(claim_id, "; ".join(parts), verdict_=combine(outs), note=note)
+    return "; ".join(parts), combine(outs)
+
+
+def paired_claim(claim_id: str, cases: list[dict], a: dict, b: dict, name_a: str, name_b: str,
+                 metrics: dict[str, str], note: str = "") -> dict:
+    """A claim row from :func:`paired_outcome`."""
+    text, verdict = paired_outcome(cases, a, b, name_a, name_b, metrics)
+    return claim(claim_id, text, verdict_=verdict, note=note)
 
 
 CASE_FIELDS = ("method", "case", "context_tokens", "correct", "answer_nll", "kl", "top1", "bytes", "full_bytes",

@@ -26,7 +26,7 @@ from shared.reports import claim, result_table
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import TASKS, corpus_ids
 from shared.verdicts import (average_over, breakpoint, combine, compare, describe, noninferior, paired_claim,
-                             summary_rows)
+                             paired_outcome, summary_rows)
 
 
 # ---- params schema -----------------------------------------------------------------------------------------
@@ -410,10 +410,10 @@ def claim_cskv_vs_eviction(cases: list[dict], evictors: list[str], ratio: float)
     names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV"}
     parts, outs = [], []
     for m in evictors:
-        c = paired_claim("x", cases, sel("cskv", compression_ratio=ratio), sel(m, compression_ratio=ratio),
-                         "CSKV", names.get(m, m), {"accuracy": "a>b", "kl": "a<b"})
-        parts.append(c["ours"])
-        outs.append(c["verdict"])
+        text, v = paired_outcome(cases, sel("cskv", compression_ratio=ratio), sel(m, compression_ratio=ratio),
+                                 "CSKV", names.get(m, m), {"accuracy": "a>b", "kl": "a<b"})
+        parts.append(text)
+        outs.append(v)
     return claim("t1_cskv_vs_eviction_80", " | ".join(parts), verdict_=combine(outs),
                  note=f"at {ratio:.0%}; reproduced iff every paired interval (acc, KL, each eviction method) "
                       "favours CSKV")
@@ -483,9 +483,9 @@ def claim_sweep(claim_id: str, area: list[dict], bps: dict, others: list[str]) -
     parts, outs = [f"breakpoint CSKV {bps['cskv']['breakpoint']:g} vs " +
                    ", ".join(f"{names.get(m, m)} {bps[m]['breakpoint']:g}" for m in others)], []
     for m in others:
-        c = paired_claim("x", area, sel("cskv"), sel(m), "CSKV", names.get(m, m), {"accuracy": "a>b"})
-        parts.append("area " + c["ours"])
-        outs.append(c["verdict"])
+        text, v = paired_outcome(area, sel("cskv"), sel(m), "CSKV", names.get(m, m), {"accuracy": "a>b"})
+        parts.append("area " + text)
+        outs.append(v)
     return claim(claim_id, "; ".join(parts), verdict_=combine(outs),
                  note="reproduced iff CSKV's mean accuracy over the swept ratios beats each by a paired interval")
 
@@ -515,14 +515,14 @@ def table2(ctx: StageContext) -> dict:
                      compression_ratio=r)
     cases = _ablation(ctx, methods, labels)
     both = {"accuracy": "a>b", "kl": "a<b"}
-    c1 = paired_claim("x", cases, sel("asvd/trained"), sel("svd/trained"), "ASVD", "SVD", both)
-    c2 = paired_claim("x", cases, sel("svd/trained"), sel("random/trained"), "SVD", "random", both)
-    v = combine([c1["verdict"], c2["verdict"]])
+    t1, v1 = paired_outcome(cases, sel("asvd/trained"), sel("svd/trained"), "ASVD", "SVD", both)
+    t2, v2 = paired_outcome(cases, sel("svd/trained"), sel("random/trained"), "SVD", "random", both)
+    v = combine([v1, v2])
     return {"table2.json": result_table(
         "Table 2 analogue — initialisation (random / SVD / ASVD), with and without training",
         [["init", "init"], ["trained", "trained"]] + ROW_COLUMNS[3:], summary_rows(cases), table_ref="Table 2",
         setting=_ablation_setting(p), cases=cases, notes=[ROW_NOTE],
-        claims=[claim("t2_init_matters", f"{c1['ours']} | {c2['ours']}", verdict_=v,
+        claims=[claim("t2_init_matters", f"{t1} | {t2}", verdict_=v,
                       note="trained factors; reproduced iff ASVD > SVD and SVD > random by paired intervals in "
                            "accuracy and KL; partially iff only some intervals favour the paper")])}
 
