@@ -30,9 +30,11 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -167,6 +169,31 @@ class KVProjection(nn.Module):
                 getattr(proj, f"x_{kind}").copy_(inverse_cayley(U).float())
                 getattr(proj, f"mu_{kind}").copy_(stats[f"mean_{kind}"].float())
         return proj
+
+    def save(self, path, meta: dict | None = None) -> None:
+        """Write the parameters to a safetensors file (atomically: a temporary file, then a rename); ``meta``
+        values are stored as strings in its metadata."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (meta or {}).items()})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "KVProjection":
+        """A projection written by :meth:`save` (shapes from the file), frozen (``requires_grad`` False)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no projection at {path}; the MatryoshkaKV pipeline writes it "
+                                    "(`dvc repro papers/matryoshka_kv`: calibrate → PCA, train → trained)")
+        t = load_file(str(path))
+        missing = {"x_k", "x_v", "mu_k", "mu_v"} - set(t)
+        if missing:
+            raise ValueError(f"{path} is not a KVProjection file: missing {sorted(missing)}")
+        L, H, d, _ = t["x_k"].shape
+        proj = cls(L, H, d)
+        proj.load_state_dict(t)
+        return proj.requires_grad_(False)
 
     def layer(self, idx: int) -> LayerBases:
         if self._frozen is not None:

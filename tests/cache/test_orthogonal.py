@@ -269,3 +269,32 @@ def test_gradients_reach_only_projection(tiny_llama, projection):
         warnings.simplefilter("error")
         with project_kv(tiny_llama, proj):
             pass
+
+
+def test_projection_save_load_roundtrip(tmp_path):
+    """KVProjection.save/load keep every parameter bit-exact, store metadata, and fail clearly on a wrong file."""
+    import pytest
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from shared.cache.orthogonal import KVProjection
+
+    torch.manual_seed(0)
+    proj = KVProjection(2, 3, 8)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.normal_()
+    path = tmp_path / "p.safetensors"
+    proj.save(path, {"seed": 3})
+    back = KVProjection.load(path)
+    assert (back.n_layers, back.n_kv_heads, back.head_dim) == (2, 3, 8)
+    for (k, a), (_, b) in zip(proj.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not any(p.requires_grad for p in back.parameters())
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"seed": "3"}
+    with pytest.raises(FileNotFoundError, match="matryoshka_kv"):
+        KVProjection.load(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        KVProjection.load(tmp_path / "other.safetensors")
