@@ -221,6 +221,3 @@ class Paper:
         self.run(args.stage, params)
         return 0
 
-
-def run_main(paper: Paper) -> None:
-    sys.exit(paper.main())

@@ -20,8 +20,10 @@ from kernels.quant import head_group_size
 from papers.cskv.module import (activation_stats, collect_inputs, init_factors, latent_quant_error, load_factors,
                                 projection_weights, reconstruction_error, save_factors, train_factors)
 from shared.cache.decompose import INITS
+from shared.cache.orthogonal import KVProjection, uniform_ranks
 from shared.cache.registry import METHODS, build
 from shared.kv_eval import evaluate_task
+from shared.paths import REPO_ROOT
 from shared.reports import claim, result_table
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import TASKS, corpus_ids
@@ -80,12 +82,15 @@ class Eval(Params):
 
 
 class MethodSpec(Params):
-    """A table row: a registered KV method + its params; ``factors`` (lowrank only) names the factor set."""
+    """A table row: a registered KV method + its params; ``factors`` (lowrank only) names the factor set;
+    ``projection`` (matryoshka only) is the folder, relative to the repository root, of trained MatryoshkaKV
+    projections, one ``s<seed>.safetensors`` per ``train.seeds`` entry (the MatryoshkaKV pipeline writes them)."""
 
     model_config = Params.model_config | {"extra": "allow"}
     method: str
     factors: Literal["trained", "random", "svd", "asvd", "whitened"] | None = None
     per_head: bool = False
+    projection: str | None = None
 
     @model_validator(mode="after")
     def _known(self):
@@ -93,6 +98,8 @@ class MethodSpec(Params):
             raise ValueError(f"unknown KV method {self.method!r}; registered: {sorted(METHODS)}")
         if (self.method == "lowrank") != (self.factors is not None):
             raise ValueError("`factors` is required for method lowrank and only for it")
+        if self.projection is not None and self.method != "matryoshka":
+            raise ValueError("`projection` is only for method matryoshka")
         extra = dict(self.model_extra or {})
         build(self.method, 0.0, **extra)   # unknown / invalid method params fail here, before any model loads
         return self
@@ -154,6 +161,12 @@ class CSKVParams(Params):
             missing = [m for m in names if m not in self.methods]
             if missing:
                 raise ValueError(f"{where}.methods {missing} are not defined under `methods` ({sorted(self.methods)})")
+        for where, t in (("table1", self.table1), ("sweep", self.sweep)):
+            mkv = [m for m in t.methods if self.methods[m].method == "matryoshka"]
+            off = [r for r in t.compression_ratios if abs(8 * r - round(8 * r)) > 1e-9]
+            if mkv and off:
+                raise ValueError(f"{where}: matryoshka rows {mkv} need compression ratios on the rank grid (multiples "
+                                 f"of 1/8: uniform ranks d/8, 2d/8, ..., d), got {off}")
         bad = [t for t in self.sweep.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"sweep.tasks {bad} are not registered tasks ({sorted(TASKS)})")
@@ -299,6 +312,7 @@ class Methods:
     def __init__(self, ctx: StageContext):
         self.ctx, self.p = ctx, ctx.params
         self._factors: dict[str, list] = {}
+        self._projections: dict = {}
 
     def factors(self, kind, init, d, per_head=False, trained=True, qat=None, seed=None):
         name = factor_name(kind, init, d, per_head, trained, qat, seed)
@@ -321,6 +335,20 @@ class Methods:
                                     **params)))
         return out
 
+    def matryoshka(self, folder: str, compression_ratio: float, **params) -> list[tuple]:
+        """``[(seed, builder), ...]`` of MatryoshkaKV at uniform ranks, budget = 1 − ratio (equal cached bytes to a
+        low-rank row at the same ratio), one builder per trained projection ``<folder>/s<seed>.safetensors``."""
+        out = []
+        for seed in self.p.train.seeds:
+            path = REPO_ROOT / folder / f"s{seed}.safetensors"
+            if path not in self._projections:
+                self._projections[path] = KVProjection.load(path)
+            proj = self._projections[path]
+            budget = round(1.0 - compression_ratio, 9)
+            uniform_ranks(proj.n_layers, proj.n_kv_heads, proj.head_dim, budget)   # off-grid budgets fail here
+            out.append((seed, build("matryoshka", round(1.0 - budget, 9), projection=proj, **params)))
+        return out
+
     def row(self, name: str, compression_ratio: float) -> list[tuple]:
         """The table row ``name`` (params.yaml ``methods``) at ``compression_ratio``: ``[(seed, builder), ...]``."""
         spec = self.p.methods[name]
@@ -329,6 +357,8 @@ class Methods:
             init, trained = factor_set(self.p, spec)
             d = density(compression_ratio)
             return self.lowrank(init, d, d, per_head=spec.per_head, trained=trained, **params)
+        if spec.projection is not None:
+            return self.matryoshka(spec.projection, compression_ratio, **params)
         return [(None, build(spec.method, compression_ratio, **params))]
 
 
@@ -457,6 +487,12 @@ def sweep(ctx: StageContext) -> dict:
                             ("sweep_cskv_vs_eviction", evictors)):
             if others:
                 claims.append(claim_sweep(cid, area, by, others))
+    mkv = [m for m in sw.methods if p.methods[m].method == "matryoshka"]
+    equal_bytes = []
+    if "cskv" in sw.methods:   # not a claim of either paper: the two trained low-rank caches at equal cached bytes
+        for m in mkv:
+            text, _ = paired_outcome(area, sel("cskv"), sel(m), "CSKV", m, {"accuracy": "a>b"})
+            equal_bytes.append(f"CSKV vs {m} at equal bytes (not a claim of either paper), area {text}.")
     return {"sweep.json": result_table(
         "Ratio sweep — accuracy and KL vs compression ratio, and each method's breakpoint",
         [["task", "task"], ["label", "method"], ["compression_ratio", "compression ratio"], ["accuracy", "acc"],
@@ -473,13 +509,17 @@ def sweep(ctx: StageContext) -> dict:
                f"{sw.breakpoint_frac:.0%} of the full cache's; min over tasks; 0 = fails at the smallest ratio): "
                + ", ".join(f"{b['label']} {b['breakpoint']:g}" for b in bps) + ".",
                "Verdicts compare each case's accuracy averaged over the swept ratios (the area under the accuracy "
-               "curve; seed-mean for trained rows) with a paired bootstrap over cases.", ROW_NOTE])}
+               "curve; seed-mean for trained rows) with a paired bootstrap over cases.",
+               *[f"`{m}`: MatryoshkaKV's trained projections (`{p.methods[m].projection}`, one per training seed) at "
+                 "uniform ranks, budget = 1 − compression ratio: the same cached channels as a low-rank row at that "
+                 "ratio, without CSKV's exact window." for m in mkv],
+               *equal_bytes, ROW_NOTE])}
 
 
 def claim_sweep(claim_id: str, area: list[dict], bps: dict, others: list[str]) -> dict:
     """CSKV keeps retrieval to a higher compression than each of ``others``: its area under the accuracy-vs-ratio
     curve is higher by a paired interval that excludes 0 (breakpoints reported beside it)."""
-    names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "asvd": "ASVD"}
+    names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "asvd": "ASVD", "mkv": "MatryoshkaKV"}
     parts, outs = [f"breakpoint CSKV {bps['cskv']['breakpoint']:g} vs " +
                    ", ".join(f"{names.get(m, m)} {bps[m]['breakpoint']:g}" for m in others)], []
     for m in others:

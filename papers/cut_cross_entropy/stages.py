@@ -24,7 +24,6 @@ from pydantic import Field, model_validator
 
 from shared.stages import Paper, Params, StageContext
 
-RESULT_FILES = ("memory.json", "filter.json", "convergence.json")
 MB = 2**20                                               # MiB, as torch.cuda.max_memory_allocated() / 2**20
 #: paper / official benchmark numbers (paper.yaml, table1 + official_benchmark): Gemma 2 (2B), N = 8192, bf16
 PAPER_GEMMA = {"baseline": {"fw": 24000.0, "fwbw": 28000.0}, "torch_compile": {"fw": 4000.1, "fwbw": 16000.1},

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from shared.cache.base import CompressedCache, PrefillRecord
 
@@ -33,9 +33,6 @@ METHODS: dict[str, str] = {
     "lowrank": "shared.cache.lowrank:LowRank",
     "matryoshka": "shared.cache.orthogonal:Matryoshka",
 }
-
-Builder = Callable[[PrefillRecord], CompressedCache]
-
 
 def check_ratio(compression_ratio: float) -> float:
     if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, (int, float)) \
@@ -68,11 +65,6 @@ class KVMethod:
         call (teacher-forced perplexity/KL without a cache); only methods with such a form implement it."""
         raise ValueError(f"KV method {self.name!r} has no full-sequence form (it compresses a prefilled cache); "
                          "evaluate it through a cache (shared.kv_eval)")
-
-    def params(self) -> dict:
-        """The method's parameters as plain values (for logging)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), (int, float, str, bool, type(None)))}
 
 
 @dataclass

@@ -84,3 +84,61 @@ def test_factor_sets_cover_every_table_method():
     untrained = [fs for fs in needed_factor_sets(p) if not fs["trained"]]
     assert all(fs["seed"] is None and not fs["name"].endswith(tuple(f"-s{s}" for s in p.train.seeds))
                for fs in untrained)
+
+
+# ---- the sweep's MatryoshkaKV rows (trained projections of the MatryoshkaKV pipeline, at equal cached bytes) ----
+def _params_with(**edits):
+    """The paper's params.yaml as a dict, with dotted-path ``edits``."""
+    from shared.stages import read_yaml
+
+    raw = read_yaml(paper.paper_dir() / "params.yaml")
+    for path, value in edits.items():
+        node = raw
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    return raw
+
+
+def test_sweep_matryoshka_rows_need_ratios_on_the_rank_grid():
+    from papers.cskv.stages import CSKVParams
+
+    p = CSKVParams.model_validate(_params_with())
+    assert p.methods["mkv"].method == "matryoshka" and "mkv" in p.sweep.methods
+    assert all(abs(8 * r - round(8 * r)) < 1e-9 for r in p.sweep.compression_ratios)
+    assert sum(0.2 <= r <= 0.8 for r in p.sweep.compression_ratios) >= 5          # the issue's 0.2..0.8 range
+    with pytest.raises(ValueError, match="rank grid"):
+        CSKVParams.model_validate(_params_with(**{"sweep.compression_ratios": [0.2, 0.5]}))
+    with pytest.raises(ValueError, match="only for method matryoshka"):
+        CSKVParams.model_validate(_params_with(**{"methods.asvd": {"method": "lowrank", "factors": "asvd",
+                                                                    "projection": "x"}}))
+
+
+def test_sweep_matryoshka_row_loads_one_projection_per_training_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from papers.cskv.stages import CSKVParams, Methods
+    from shared.cache.orthogonal import KVProjection, Matryoshka
+
+    p = CSKVParams.model_validate(_params_with(**{"train.seeds": [0, 1]}))
+    saved = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        proj = KVProjection(2, 2, 16)
+        with torch.no_grad():
+            proj.x_k.normal_()
+        proj.save(tmp_path / f"s{seed}.safetensors")
+        saved[seed] = proj.x_k.detach().clone()
+    ctx = SimpleNamespace(params=p, artifacts_dir=tmp_path / "artifacts")
+    rows = Methods(ctx).matryoshka(str(tmp_path), 0.25)
+    assert [s for s, _ in rows] == [0, 1]
+    for seed, m in rows:
+        assert isinstance(m, Matryoshka) and m.compression_ratio == pytest.approx(0.25)
+        assert torch.equal(m.projection.x_k, saved[seed])                    # seed s ↔ s<seed>.safetensors
+    with pytest.raises(ValueError, match="multiple of"):                     # budget 0.8: r = 12.8, off the grid
+        Methods(ctx).matryoshka(str(tmp_path), 0.2)
+    ctx3 = SimpleNamespace(params=CSKVParams.model_validate(_params_with(**{"train.seeds": [0, 3]})),
+                           artifacts_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="matryoshka_kv"):
+        Methods(ctx3).matryoshka(str(tmp_path), 0.25)
