@@ -84,13 +84,15 @@ class Eval(Params):
 class MethodSpec(Params):
     """A table row: a registered KV method + its params; ``factors`` (lowrank only) names the factor set;
     ``projection`` (matryoshka only) is the folder, relative to the repository root, of trained MatryoshkaKV
-    projections, one ``s<seed>.safetensors`` per ``train.seeds`` entry (the MatryoshkaKV pipeline writes them)."""
+    projections, one ``s<seed>.safetensors`` per seed (the MatryoshkaKV pipeline writes them); ``seeds`` (matryoshka
+    only) picks which of them (default: every ``train.seeds`` entry)."""
 
     model_config = Params.model_config | {"extra": "allow"}
     method: str
     factors: Literal["trained", "random", "svd", "asvd", "whitened"] | None = None
     per_head: bool = False
     projection: str | None = None
+    seeds: list[int] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _known(self):
@@ -98,8 +100,10 @@ class MethodSpec(Params):
             raise ValueError(f"unknown KV method {self.method!r}; registered: {sorted(METHODS)}")
         if (self.method == "lowrank") != (self.factors is not None):
             raise ValueError("`factors` is required for method lowrank and only for it")
-        if self.projection is not None and self.method != "matryoshka":
-            raise ValueError("`projection` is only for method matryoshka")
+        if (self.projection is not None or self.seeds is not None) and self.method != "matryoshka":
+            raise ValueError("`projection` and `seeds` are only for method matryoshka")
+        if self.seeds is not None and self.projection is None:
+            raise ValueError("`seeds` picks trained projections: give `projection` too")
         extra = dict(self.model_extra or {})
         build(self.method, 0.0, **extra)   # unknown / invalid method params fail here, before any model loads
         return self
@@ -335,11 +339,13 @@ class Methods:
                                     **params)))
         return out
 
-    def matryoshka(self, folder: str, compression_ratio: float, **params) -> list[tuple]:
+    def matryoshka(self, folder: str, compression_ratio: float, seeds: list[int] | None = None,
+                   **params) -> list[tuple]:
         """``[(seed, builder), ...]`` of MatryoshkaKV at uniform ranks, budget = 1 − ratio (equal cached bytes to a
-        low-rank row at the same ratio), one builder per trained projection ``<folder>/s<seed>.safetensors``."""
+        low-rank row at the same ratio), one builder per trained projection ``<folder>/s<seed>.safetensors`` for
+        ``seeds`` (default ``train.seeds``)."""
         out = []
-        for seed in self.p.train.seeds:
+        for seed in seeds or self.p.train.seeds:
             path = REPO_ROOT / folder / f"s{seed}.safetensors"
             if path not in self._projections:
                 self._projections[path] = KVProjection.load(path)
@@ -358,7 +364,7 @@ class Methods:
             d = density(compression_ratio)
             return self.lowrank(init, d, d, per_head=spec.per_head, trained=trained, **params)
         if spec.projection is not None:
-            return self.matryoshka(spec.projection, compression_ratio, **params)
+            return self.matryoshka(spec.projection, compression_ratio, spec.seeds, **params)
         return [(None, build(spec.method, compression_ratio, **params))]
 
 

@@ -71,12 +71,15 @@ def test_factor_sets_cover_every_table_method():
                 assert factor_name(kind, p.train.init, d, False, True, scheme, s) in names
             for init in ("random", "svd", "asvd"):
                 assert factor_name(kind, init, d, False, True, seed=s) in names
-            for r in p.table1.compression_ratios:                           # Table 1's low-rank rows
-                assert factor_name(kind, p.train.init, density(r), True, True, seed=s) in names   # cskv_per_head
+            if "cskv_per_head" in p.table1.methods:                         # Table 1's per-head rows
+                for r in p.table1.compression_ratios:
+                    assert factor_name(kind, p.train.init, density(r), True, True, seed=s) in names
             for r in p.sweep.compression_ratios:                            # the sweep's CSKV rows
                 assert factor_name(kind, p.train.init, density(r), False, True, seed=s) in names
-        for r in p.table1.compression_ratios + p.sweep.compression_ratios:
-            assert factor_name(kind, "whitened", density(r), False, False) in names
+        for t in (p.table1, p.sweep):
+            if "whitened" in t.methods:
+                for r in t.compression_ratios:
+                    assert factor_name(kind, "whitened", density(r), False, False) in names
     for dk, dv in p.ablation.kv_densities:
         for s in p.train.seeds:
             assert factor_name("k", p.train.init, dk, False, True, seed=s) in names
@@ -136,6 +139,8 @@ def test_sweep_matryoshka_row_loads_one_projection_per_training_seed(tmp_path):
     for seed, m in rows:
         assert isinstance(m, Matryoshka) and m.compression_ratio == pytest.approx(0.25)
         assert torch.equal(m.projection.x_k, saved[seed])                    # seed s ↔ s<seed>.safetensors
+    picked = Methods(ctx).matryoshka(str(tmp_path), 0.25, seeds=[1])        # `seeds`: a subset of the projections
+    assert [s for s, _ in picked] == [1] and torch.equal(picked[0][1].projection.x_k, saved[1])
     with pytest.raises(ValueError, match="multiple of"):                     # budget 0.8: r = 12.8, off the grid
         Methods(ctx).matryoshka(str(tmp_path), 0.2)
     ctx3 = SimpleNamespace(params=CSKVParams.model_validate(_params_with(**{"train.seeds": [0, 3]})),
