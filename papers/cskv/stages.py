@@ -516,9 +516,10 @@ def sweep(ctx: StageContext) -> dict:
                + ", ".join(f"{b['label']} {b['breakpoint']:g}" for b in bps) + ".",
                "Verdicts compare each case's accuracy averaged over the swept ratios (the area under the accuracy "
                "curve; seed-mean for trained rows) with a paired bootstrap over cases.",
-               *[f"`{m}`: MatryoshkaKV's trained projections (`{p.methods[m].projection}`, one per training seed) at "
-                 "uniform ranks, budget = 1 − compression ratio: the same cached channels as a low-rank row at that "
-                 "ratio, without CSKV's exact window." for m in mkv],
+               *[f"`{m}`: MatryoshkaKV's trained projections (`{p.methods[m].projection}`, training seeds "
+                 f"{p.methods[m].seeds or p.train.seeds}) at uniform ranks, budget = 1 − compression ratio: the same "
+                 "cached channels as a low-rank row at that ratio, without CSKV's exact window; its prefill also "
+                 "runs in the latent space (as in its paper), the low-rank rows prefill exactly." for m in mkv],
                *equal_bytes, ROW_NOTE])}
 
 
