@@ -484,7 +484,7 @@ def sweep(ctx: StageContext) -> dict:
                     for t in sw.tasks}
         bps.append({"label": name, **{f"breakpoint_{t}": v for t, v in per_task.items()},
                     "breakpoint": min((v if v is not None else 0.0) for v in per_task.values())})
-    by = {b["label"]: b for b in bps}
+    by = {b["label"]: {**b, "text": breakpoint_text(b["breakpoint"], min(sw.compression_ratios))} for b in bps}
     area = average_over(cases, "compression_ratio")
     evictors = [m for m in ("streaming_llm", "h2o", "snapkv") if m in sw.methods]
     claims = []
@@ -512,8 +512,8 @@ def sweep(ctx: StageContext) -> dict:
         setting=f"{p.model}; {sw.tasks} at {sw.length} tokens, {sw.n_cases} cases per cell, protocol "
                 f"`{p.eval.protocol}`, ratios {sw.compression_ratios}; trained rows × seeds {p.train.seeds}.",
         notes=["Breakpoints (largest swept ratio up to which accuracy stays ≥ "
-               f"{sw.breakpoint_frac:.0%} of the full cache's; min over tasks; 0 = fails at the smallest ratio): "
-               + ", ".join(f"{b['label']} {b['breakpoint']:g}" for b in bps) + ".",
+               f"{sw.breakpoint_frac:.0%} of the full cache's; min over tasks; `< r` = already below at the smallest "
+               "swept ratio r): " + ", ".join(f"{b} {by[b]['text']}" for b in by) + ".",
                "Verdicts compare each case's accuracy averaged over the swept ratios (the area under the accuracy "
                "curve; seed-mean for trained rows) with a paired bootstrap over cases.",
                *[f"`{m}`: MatryoshkaKV's trained projections (`{p.methods[m].projection}`, training seeds "
@@ -523,12 +523,18 @@ def sweep(ctx: StageContext) -> dict:
                *equal_bytes, ROW_NOTE])}
 
 
+def breakpoint_text(value: float, smallest: float) -> str:
+    """A breakpoint for reading: ``< smallest`` when the method fails already at the smallest swept ratio (stored
+    as 0)."""
+    return f"< {smallest:g}" if value == 0 else f"{value:g}"
+
+
 def claim_sweep(claim_id: str, area: list[dict], bps: dict, others: list[str]) -> dict:
     """CSKV keeps retrieval to a higher compression than each of ``others``: its area under the accuracy-vs-ratio
     curve is higher by a paired interval that excludes 0 (breakpoints reported beside it)."""
     names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "asvd": "ASVD", "mkv": "MatryoshkaKV"}
-    parts, outs = [f"breakpoint CSKV {bps['cskv']['breakpoint']:g} vs " +
-                   ", ".join(f"{names.get(m, m)} {bps[m]['breakpoint']:g}" for m in others)], []
+    parts, outs = [f"breakpoint CSKV {bps['cskv']['text']} vs " +
+                   ", ".join(f"{names.get(m, m)} {bps[m]['text']}" for m in others)], []
     for m in others:
         text, v = paired_outcome(area, sel("cskv"), sel(m), "CSKV", names.get(m, m), {"accuracy": "a>b"})
         parts.append("area " + text)

@@ -147,3 +147,10 @@ def test_sweep_matryoshka_row_loads_one_projection_per_training_seed(tmp_path):
                            artifacts_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="matryoshka_kv"):
         Methods(ctx3).matryoshka(str(tmp_path), 0.25)
+
+
+def test_breakpoint_text_marks_a_method_that_fails_at_the_smallest_ratio():
+    from papers.cskv.stages import breakpoint_text
+
+    assert breakpoint_text(0.0, 0.125) == "< 0.125"
+    assert breakpoint_text(0.25, 0.125) == "0.25"
