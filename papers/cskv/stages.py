@@ -20,7 +20,7 @@ from kernels.quant import head_group_size
 from papers.cskv.module import (activation_stats, collect_inputs, init_factors, latent_quant_error, load_factors,
                                 projection_weights, reconstruction_error, save_factors, train_factors)
 from shared.cache.decompose import INITS
-from shared.cache.orthogonal import KVProjection, uniform_ranks
+from shared.cache.orthogonal import KVProjection, on_rank_grid
 from shared.cache.registry import METHODS, build
 from shared.kv_eval import evaluate_task
 from shared.paths import REPO_ROOT
@@ -167,7 +167,7 @@ class CSKVParams(Params):
                 raise ValueError(f"{where}.methods {missing} are not defined under `methods` ({sorted(self.methods)})")
         for where, t in (("table1", self.table1), ("sweep", self.sweep)):
             mkv = [m for m in t.methods if self.methods[m].method == "matryoshka"]
-            off = [r for r in t.compression_ratios if abs(8 * r - round(8 * r)) > 1e-9]
+            off = [r for r in t.compression_ratios if not on_rank_grid(1.0 - r)]
             if mkv and off:
                 raise ValueError(f"{where}: matryoshka rows {mkv} need compression ratios on the rank grid (multiples "
                                  f"of 1/8: uniform ranks d/8, 2d/8, ..., d), got {off}")
@@ -182,6 +182,10 @@ class CSKVParams(Params):
 paper = Paper("cskv", CSKVParams, __file__)
 main = paper.main
 TABLES = ("table1", "sweep", "table2", "table3", "table4", "table5")
+
+
+#: how the claim texts name the params.yaml method rows
+DISPLAY = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "asvd": "ASVD", "mkv": "MatryoshkaKV"}
 
 
 def density(compression_ratio: float) -> float:
@@ -349,10 +353,7 @@ class Methods:
             path = REPO_ROOT / folder / f"s{seed}.safetensors"
             if path not in self._projections:
                 self._projections[path] = KVProjection.load(path)
-            proj = self._projections[path]
-            budget = round(1.0 - compression_ratio, 9)
-            uniform_ranks(proj.n_layers, proj.n_kv_heads, proj.head_dim, budget)   # off-grid budgets fail here
-            out.append((seed, build("matryoshka", round(1.0 - budget, 9), projection=proj, **params)))
+            out.append((seed, build("matryoshka", compression_ratio, projection=self._projections[path], **params)))
         return out
 
     def row(self, name: str, compression_ratio: float) -> list[tuple]:
@@ -443,11 +444,10 @@ def claim_cskv_vs_asvd(cases: list[dict], ratio: float) -> dict:
 
 def claim_cskv_vs_eviction(cases: list[dict], evictors: list[str], ratio: float) -> dict:
     """CSKV beats every eviction method at ``ratio`` in accuracy and KL (paired intervals)."""
-    names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV"}
     parts, outs = [], []
     for m in evictors:
         text, v = paired_outcome(cases, sel("cskv", compression_ratio=ratio), sel(m, compression_ratio=ratio),
-                                 "CSKV", names.get(m, m), {"accuracy": "a>b", "kl": "a<b"})
+                                 "CSKV", DISPLAY.get(m, m), {"accuracy": "a>b", "kl": "a<b"})
         parts.append(text)
         outs.append(v)
     return claim("t1_cskv_vs_eviction_80", " | ".join(parts), verdict_=combine(outs),
@@ -532,11 +532,10 @@ def breakpoint_text(value: float, smallest: float) -> str:
 def claim_sweep(claim_id: str, area: list[dict], bps: dict, others: list[str]) -> dict:
     """CSKV keeps retrieval to a higher compression than each of ``others``: its area under the accuracy-vs-ratio
     curve is higher by a paired interval that excludes 0 (breakpoints reported beside it)."""
-    names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "asvd": "ASVD", "mkv": "MatryoshkaKV"}
     parts, outs = [f"breakpoint CSKV {bps['cskv']['text']} vs " +
-                   ", ".join(f"{names.get(m, m)} {bps[m]['text']}" for m in others)], []
+                   ", ".join(f"{DISPLAY.get(m, m)} {bps[m]['text']}" for m in others)], []
     for m in others:
-        text, v = paired_outcome(area, sel("cskv"), sel(m), "CSKV", names.get(m, m), {"accuracy": "a>b"})
+        text, v = paired_outcome(area, sel("cskv"), sel(m), "CSKV", DISPLAY.get(m, m), {"accuracy": "a>b"})
         parts.append("area " + text)
         outs.append(v)
     return claim(claim_id, "; ".join(parts), verdict_=combine(outs),

@@ -41,6 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from shared.cache.base import (CompressedCache, CompressedLayer, PrefillRecord, attach, attention_modules,
                                positions_from_mask, routed_attention)
 from shared.cache.registry import KVMethod
+from shared.io import atomic_path
 
 KV = ("k", "v")
 
@@ -90,11 +91,20 @@ def pca_basis(cov: torch.Tensor) -> torch.Tensor:
 
 
 # ---- ranks and budgets -------------------------------------------------------------------------------------
+#: the paper's rank grid {d/8, 2d/8, …, d}: in budget terms, the multiples of 1/RANK_GRID whatever d is
+RANK_GRID = 8
+
+
 def default_step(head_dim: int) -> int:
     """The paper's rank grid {d/8, 2d/8, …, d}."""
-    if head_dim % 8:
-        raise ValueError(f"head_dim must be a multiple of 8 for the d/8 rank grid, got {head_dim}")
-    return head_dim // 8
+    if head_dim % RANK_GRID:
+        raise ValueError(f"head_dim must be a multiple of {RANK_GRID} for the d/{RANK_GRID} rank grid, got {head_dim}")
+    return head_dim // RANK_GRID
+
+
+def on_rank_grid(budget: float) -> bool:
+    """Whether uniform ranks at the default grid hit ``budget`` exactly (a multiple of 1/RANK_GRID)."""
+    return abs(RANK_GRID * budget - round(RANK_GRID * budget)) < 1e-9
 
 
 def check_budget(budget: float) -> float:
@@ -173,11 +183,9 @@ class KVProjection(nn.Module):
     def save(self, path, meta: dict | None = None) -> None:
         """Write the parameters to a safetensors file (atomically: a temporary file, then a rename); ``meta``
         values are stored as strings in its metadata."""
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (meta or {}).items()})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (meta or {}).items()})
 
     @classmethod
     def load(cls, path) -> "KVProjection":
@@ -432,6 +440,12 @@ class Matryoshka(KVMethod):
     ranks: torch.Tensor | None = None
     needs: ClassVar[frozenset[str]] = frozenset({"projection", "fused"})
     name: ClassVar[str] = "matryoshka"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.projection is not None and self.ranks is None:   # an off-grid uniform budget fails here, not later
+            p = self.projection
+            uniform_ranks(p.n_layers, p.n_kv_heads, p.head_dim, 1.0 - self.compression_ratio)
 
     def _resolve(self, n_layers: int, n_kv: int, d: int) -> tuple[KVProjection, torch.Tensor]:
         proj = self.projection if self.projection is not None else KVProjection(n_layers, n_kv, d)
