@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from statistics import fmean
 from typing import Callable
 
 import torch
@@ -217,19 +218,26 @@ def summarize(rows: list[dict], keys: tuple[str, ...] = ("method",)) -> list[dic
     """Aggregate per-case rows: accuracy with n and 95% Wilson interval, mean NLL/KL/top-1, bytes ratio.
 
     A key a row lacks groups as ``None`` (e.g. the full cache has no compression ratio). Rows that carry a
-    ``seed`` (a trained method evaluated once per training seed) and are grouped without it are pooled: ``n``
-    counts case × seed evaluations, and ``seeds`` / ``accuracy_seed_range`` / ``kl_seed_range`` give the number of
-    seeds and the min–max of the per-seed means (the seed-to-seed spread the Wilson interval does not contain)."""
+    ``seed`` (a trained method evaluated once per training seed) and are grouped without it are pooled per case:
+    ``n`` counts **cases** (each case's outcome is its mean over seeds, the Wilson interval uses that fractional
+    count), and ``seeds`` / ``accuracy_seed_range`` / ``kl_seed_range`` give the number of seeds and the min–max of
+    the per-seed means (the seed-to-seed spread)."""
     groups = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(k) for k in keys)].append(r)
     out = []
     for key, rs in groups.items():
-        n, k = len(rs), sum(r["correct"] for r in rs)
+        per_case = defaultdict(list)
+        for r in rs:
+            per_case[tuple(r.get(k) for k in CASE_KEY)].append(r["correct"])
+        n = len(per_case)
+        k = sum(fmean(float(x) for x in v) for v in per_case.values())
+        k = round(k) if abs(k - round(k)) < 1e-9 else k
         lo, hi = wilson_interval(k, n)
+        m = len(rs)
         row = {**dict(zip(keys, key)), "n": n, "accuracy": k / n, "ci95": [lo, hi],
-               "answer_ppl": math.exp(sum(r["answer_nll"] for r in rs) / n),
-               "kl": sum(r["kl"] for r in rs) / n, "top1": sum(r["top1"] for r in rs) / n,
+               "answer_ppl": math.exp(sum(r["answer_nll"] for r in rs) / m),
+               "kl": sum(r["kl"] for r in rs) / m, "top1": sum(r["top1"] for r in rs) / m,
                "bytes_ratio": sum(r["bytes"] for r in rs) / max(1, sum(r["full_bytes"] for r in rs))}
         by_seed = defaultdict(list)
         for r in rs:
@@ -274,3 +282,55 @@ def evaluate_task(model, tokenizer, task: str, context_tokens: int, n_cases: int
                            f"{full_cache_min_accuracy} (the range measured for the uncompressed model): refusing to "
                            "publish method rows — check the prompt format / model before comparing methods")
     return (out, rows) if return_cases else out
+
+
+# ---- table rows from per-case rows (summaries, ratio-averaged rows, breakpoints) ------------------------------
+CASE_KEY = ("task", "length", "protocol", "case")
+CASE_METRICS = ("correct", "kl", "answer_nll", "top1")
+CASE_FIELDS = ("method", "case", "context_tokens", "correct", "answer_nll", "kl", "top1", "bytes", "full_bytes",
+               "seed")
+
+
+def summary_rows(cases: list[dict], keys: tuple[str, ...] = ("task", "length", "protocol", "label",
+                                                              "compression_ratio")) -> list[dict]:
+    """One table row per ``keys`` group of per-case rows (training seeds pooled, see
+    :func:`shared.kv_eval.summarize`), carrying the group's other label fields (e.g. ``window``)."""
+    out = []
+    for s in summarize(cases, keys):
+        first = next(c for c in cases if all(c.get(k) == s[k] for k in keys))
+        out.append({**{k: v for k, v in first.items() if k not in s and k not in CASE_FIELDS}, **s})
+    return out
+
+
+def average_over(cases: list[dict], key: str) -> list[dict]:
+    """Per-case rows averaged over ``key`` (e.g. the swept compression ratio) per (label, seed, case): the area
+    under a method's curve, case by case, so that two methods' areas can be compared paired. Rows lacking ``key``
+    (the full cache) are left out."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in cases:
+        if r.get(key) is not None:
+            groups[(r.get("label"), r.get("seed"), *(r.get(k) for k in CASE_KEY))].append(r)
+    out = []
+    for (label, seed, *case), rs in groups.items():
+        row = {"label": label, "seed": seed, **dict(zip(CASE_KEY, case)), "points": len(rs)}
+        for field in CASE_METRICS:
+            row[field] = fmean(float(r[field]) for r in rs)
+        out.append(row)
+    return out
+
+
+def breakpoint(rows: list[dict], label: str, full_accuracy: float, frac: float = 0.9,
+               key: str = "compression_ratio") -> float | None:
+    """The largest swept ratio ``r`` such that ``accuracy(r') ≥ frac · full_accuracy`` for every swept ``r' ≤ r``
+    (summary rows of one method, selected by ``label``); ``None`` when the smallest ratio already fails."""
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    pts = sorted((r[key], r["accuracy"]) for r in rows if r.get("label") == label and r.get(key) is not None)
+    if not pts:
+        raise ValueError(f"no summary rows with label {label!r} and a {key!r}")
+    best = None
+    for ratio, acc in pts:
+        if acc < frac * full_accuracy:
+            break
+        best = ratio
+    return best

@@ -133,24 +133,32 @@ def token_nll(logits: Any, targets: Any, *, reduction: Reduction = "mean", ignor
 
 # ------------------------------------------------------------------------------------------------------ uncertainty
 
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+def wilson_interval(k: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion with k successes out of n trials.
 
         centre ± half = (p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),   p̂ = k/n,  z = Φ⁻¹((1+confidence)/2)
 
-    computed by ``scipy.stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")``."""
-    from scipy.stats import binomtest
+    Integer k: ``scipy.stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")``. A
+    fractional k (per-case means over training seeds, summed over n cases) uses the same closed form; averaging
+    Bernoulli outcomes over seeds can only lower the per-case variance, so the interval is conservative there."""
+    from scipy.stats import binomtest, norm
 
-    for name, v in (("k", k), ("n", n)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{name}={v!r} must be an integer")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"n={n!r} must be an integer")
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or not math.isfinite(k):
+        raise ValueError(f"k={k!r} must be a finite number")
     if n < 1:
         raise ValueError(f"n={n} must be ≥ 1")
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must be in [0, n={n}]")
     _check_confidence(confidence)
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=float(confidence), method="wilson")
-    return float(ci.low), float(ci.high)
+    if float(k).is_integer():
+        ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=float(confidence), method="wilson")
+        return float(ci.low), float(ci.high)
+    z = float(norm.ppf((1 + float(confidence)) / 2))
+    p = float(k) / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def _as_paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

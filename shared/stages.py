@@ -82,6 +82,7 @@ class StageContext:
     params: Any
     paper_dir: Path
     run: Any = None                               # shared.tracking.StageRun (None in dry runs)
+    timings: dict = field(default_factory=dict)   # machine-dependent seconds: MLflow + timings/<stage>.json
     _model: tuple | None = field(default=None, repr=False)
 
     @property
@@ -115,6 +116,12 @@ class StageContext:
         """Log one table cell as a nested MLflow run of this stage."""
         if self.run is not None:
             self.run.cell(name, metrics, params)
+
+    def timing(self, key: str, seconds: float) -> None:
+        """Record a wall time. Timings never enter result files (DVC hashes those: same inputs → same bytes);
+        they go to MLflow and to ``papers/<id>/timings/<stage>.json`` (git-ignored, machine-dependent)."""
+        self.timings[key] = float(seconds)
+        self.log_metrics({key: float(seconds)})
 
     def log_metrics(self, metrics: dict) -> None:
         if self.run is not None:
@@ -179,7 +186,9 @@ class Paper:
         torch.manual_seed(ctx.seed)
         t0 = time.perf_counter()
         if not track:
-            return self._write(ctx, self.stages[stage](ctx) or {})
+            written = self._write(ctx, self.stages[stage](ctx) or {})
+            self._write_timings(ctx, time.perf_counter() - t0)
+            return written
         from shared.tracking import stage_run
 
         with stage_run(self.paper_id, stage, params.model_dump(), ctx.seed) as run:
@@ -188,10 +197,15 @@ class Paper:
             written = self._write(ctx, results)                 # files first ...
             seconds = time.perf_counter() - t0
             run.log_metrics({"stage_seconds": seconds})          # ... then MLflow
+            self._write_timings(ctx, seconds)
             for path in written.values():
                 run.log_artifact(path, "results")
         print(f"stage {self.paper_id}/{stage} done in {seconds:.1f}s", flush=True)
         return written
+
+    @staticmethod
+    def _write_timings(ctx: StageContext, seconds: float) -> None:
+        write_json(ctx.paper_dir / "timings" / f"{ctx.stage}.json", {**ctx.timings, "stage_seconds": seconds})
 
     @staticmethod
     def _write(ctx: StageContext, results: dict[str, Any]) -> dict[str, Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from kernels.quant import fake_quant_int4
 from shared.cache.base import attention_modules, record_prefill
 from shared.cache.decompose import KINDS, Factors, factorize, projection_weights, rank_for_density  # noqa: F401
 from shared.cache.lowrank import QUANT_GROUP
+from shared.io import save_safetensors
 
 @torch.no_grad()
 def collect_inputs(model, token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -161,10 +162,7 @@ def train_factors(X: torch.Tensor, W: torch.Tensor, init: list[Factors], kind: s
 def save_factors(path: Path, factors: list[Factors], meta: dict) -> None:
     tensors = {f"{l}.A": f.A.contiguous() for l, f in enumerate(factors)}
     tensors.update({f"{l}.B": f.B.contiguous() for l, f in enumerate(factors)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
+    save_safetensors(path, tensors, meta)
 
 
 def load_factors(path: Path, dtype: torch.dtype = torch.float32) -> list[Factors]:

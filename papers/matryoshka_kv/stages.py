@@ -18,16 +18,15 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from papers.matryoshka_kv.module import (greedy_rank_search, kv_statistics, split_summary, train_projection)
 from shared.cache.base import full_cache, record_prefill
 from shared.cache.orthogonal import KVProjection, check_budget, check_ranks
 from shared.cache.registry import METHODS, build
-from shared.kv_eval import evaluate_task
+from shared.kv_eval import evaluate_task, summary_rows
 from shared.metrics import kl_divergence, token_nll, top1_agreement
-from shared.reports import claim, result_table
-from shared.verdicts import combine, compare, describe, noninferior, outcome, summary_rows
+from shared.reports import result_table
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import TASKS, corpus_ids, next_line_choice, score_choice, token_windows
 
@@ -172,7 +171,7 @@ def calibrate(ctx: StageContext) -> None:
     seqs = token_windows(corpus_ids(tok, c.split), c.n_sequences, c.seq_len, ctx.seed)
     stats = kv_statistics(model, list(seqs.split(c.batch_size)))
     path = ctx.artifact(STATS)
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata={"model": p.model})
+    save_safetensors(path, stats, {"model": p.model})
     KVProjection.from_statistics(stats).save(ctx.artifact(PCA), {"init": "pca", "model": p.model})
     ctx.log_metrics({"calibration_tokens": int(stats["tokens"])})
 
@@ -185,8 +184,7 @@ def train(ctx: StageContext) -> dict:
     model, tok, _ = ctx.model()
     seqs = token_windows(corpus_ids(tok, "train"), t.n_sequences, t.seq_len, ctx.seed + 1)
     val = list(token_windows(corpus_ids(tok, "validation"), t.val_sequences, t.seq_len, ctx.seed + 2).split(1))
-    rows, drops, seconds = [], {}, {}
-    b0 = min(t.val_budgets)
+    rows = []
     for seed in t.seeds:                      # same data, another initialisation of the rank sampler / order
         proj = KVProjection.load(ctx.artifact(PCA)).requires_grad_(True)
         t0 = time.perf_counter()
@@ -194,26 +192,19 @@ def train(ctx: StageContext) -> dict:
                                       seed))], accumulate=t.accumulate, lr=t.lr, warmup_steps=t.warmup_steps, seed=seed,
                                   val_batches=val, val_every=t.val_every, val_budgets=tuple(t.val_budgets), clip=t.clip,
                                   logger=ctx.lightning_logger(f"train/s{seed}"), progress=True)
-        seconds[seed] = time.perf_counter() - t0
+        ctx.timing(f"seconds/s{seed}", time.perf_counter() - t0)
         proj.save(ctx.artifact(trained_path(seed)), {"init": "pca", "trained_sequences": t.n_sequences, "seed": seed})
         rows += [{"seed": seed, "step": r["step"], "budget": b, "kl": r[f"kl@{b:g}"]}
                  for r in module.curve for b in t.val_budgets]
-        drops[seed] = (module.curve[0][f"kl@{b0:g}"], module.curve[-1][f"kl@{b0:g}"])
-    ctx.log_metrics({"seconds": sum(seconds.values()), "tokens": seqs.numel()})
-    text = "; ".join(f"s{sd}: {k0:.3f} → {k1:.3f}" for sd, (k0, k1) in drops.items())
+    ctx.log_metrics({"tokens": seqs.numel()})
     return {"train.json": result_table(
         "Matryoshka training: KL to the base model on held-out text at uniform budgets (our eval-loss figure)",
         [["seed", "seed"], ["step", "step"], ["budget", "budget"], ["kl", "KL(full ‖ MKV)"]], rows,
         setting=f"{p.model}; {t.n_sequences}×{t.seq_len} train tokens (Shakespeare), batch 1 × accumulation "
                 f"{t.accumulate} = {seqs.shape[0] // t.accumulate} AdamW steps, lr {t.lr}, warmup {t.warmup_steps}, "
                 f"cosine, clip {t.clip}; KL on {t.val_sequences}×{t.seq_len} validation tokens; seeds {t.seeds} "
-                f"(rank sampling + sequence order); " + ", ".join(f"{v:.0f} s" for v in seconds.values()),
+                f"(rank sampling + sequence order)",
         plot={"x": "step", "y": "kl", "series": "budget", "xlabel": "optimizer step", "ylabel": "KL to full"},
-        claims=[claim("training_lowers_kl", f"KL@{b0:.1%} per seed {text} in {seqs.numel() / 1e3:.0f}K tokens",
-                      strong=all(k1 <= 0.8 * k0 for k0, k1 in drops.values()),
-                      weak=all(k1 < k0 for k0, k1 in drops.values()),
-                      note="PCA init (step 0) → after one pass; reproduced iff every seed lowers KL by ≥ 20%; paper "
-                           f"≈16M tokens, ours {seqs.numel() / 1e6:.2f}M")],
         notes=["Step 0 is the PCA initialisation; KL at budget 1 stays at fp32 round-off (exact by construction).",
                "The plot shows every seed's curve (one line per budget and seed)."])}
 
@@ -225,40 +216,31 @@ def search(ctx: StageContext) -> dict:
     p, s = ctx.params, ctx.params.search
     model, tok, spec = ctx.model()
     ids = token_windows(corpus_ids(tok, "train"), s.n_sequences, s.seq_len, ctx.seed + 3)
-    rows, layer_rows, splits, history, seconds = [], [], {}, {}, {}
+    rows, layer_rows, history = [], [], {}
     for seed in p.train.seeds:
         proj = KVProjection.load(ctx.artifact(trained_path(seed)))
         t0 = time.perf_counter()
         res = greedy_rank_search(model, proj, ids, s.budgets, delta=s.delta, per_round=s.per_round,
                                  criterion=s.criterion)
-        seconds[seed] = time.perf_counter() - t0
+        ctx.timing(f"seconds/s{seed}", time.perf_counter() - t0)
         path = ctx.artifact(ranks_path(seed))
-        save_file({f"{b:g}": r.contiguous() for b, r in res.snapshots.items()}, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
+        save_safetensors(path, {f"{b:g}": r for b, r in res.snapshots.items()})
         for b, r in sorted(res.snapshots.items(), reverse=True):
             sm = split_summary(r, spec.head_dim)
             rows.append({"seed": seed, "budget": b, "key_fraction": sm["key_fraction"],
                          "value_fraction": sm["value_fraction"]})
         b_ref = 0.375 if 0.375 in res.snapshots else min(res.snapshots)
         sm = split_summary(res.snapshots[b_ref], spec.head_dim)
-        splits[seed] = (sm["key_fraction"], sm["value_fraction"])
         history[seed] = [round(h["budget"], 4) for h in res.history]
         layer_rows += [{"seed": seed, "layer": l, "kind": ("keys" if kind == "k" else "values") + f" s{seed}",
                         "kept": f} for kind in ("k", "v") for l, f in enumerate(sm[f"per_layer_{kind}"])]
-    ctx.log_metrics({"seconds": sum(seconds.values())})
-    text = "; ".join(f"s{sd}: {k:.2%} K vs {v:.2%} V" for sd, (k, v) in splits.items())
     return {
         "search.json": result_table(
             "Greedy rank search (Algorithm 1): share of key vs value channels kept per budget",
             [["seed", "seed"], ["budget", "budget"], ["key_fraction", "key channels kept"],
              ["value_fraction", "value channels kept"]],
             rows, setting=f"criterion {s.criterion} on {s.n_sequences}×{s.seq_len} train tokens, Δr = {s.delta}, "
-                          f"{s.per_round} decrements per round (paper: 1), one search per trained seed; "
-                          + ", ".join(f"{v:.0f} s" for v in seconds.values()),
-            claims=[claim("kv_split", f"at {b_ref:.1%}: {text}",
-                          strong=all(v > k for k, v in splits.values()), weak=any(v > k for k, v in splits.values()),
-                          note="reproduced iff every seed keeps more value than key channels; SmolLM2-135M "
-                               "(3 KV heads × 30 layers), KL search on Shakespeare")],
+                          f"{s.per_round} decrements per round (paper: 1), one search per trained seed",
             notes=[f"Round history (budget after each round), seed {sd}: {h}" for sd, h in history.items()]),
         "search_layers.json": result_table(
             f"Searched ranks per layer at a {b_ref:.1%} budget (mean kept fraction over the 3 KV heads)",
@@ -397,7 +379,7 @@ def evaluate(ctx: StageContext) -> dict:
             "Perplexity and KL to the full model on the test split, per method × KV budget",
             [["method", "method"], ["budget", "budget"], ["ppl", "perplexity"], ["kl", "KL to full"],
              ["kl_seed_range", "KL seed range"], ["top1", "top-1 agreement"], ["bytes_ratio", "bytes / full"]],
-            _pool(lm_rows), lm_claims(lm_rows, lm_cases), cases=lm_cases, per_seed=lm_rows,
+            _pool(lm_rows), cases=lm_cases, per_seed=lm_rows,
             setting=f"{p.model}; {seqs.shape[0]}×{seqs.shape[1]} = {seqs.numel()} test tokens (Hamlet/Macbeth/"
                     "Tempest), full-sequence forward with every attention call projected (prefill = decode, tested); "
                     f"bytes measured from each method's real cache on one sequence (fp32); trained rows: mean of "
@@ -409,69 +391,18 @@ def evaluate(ctx: StageContext) -> dict:
                    "Token eviction (SnapKV) has no full-sequence form (it compresses a prefilled cache): it is "
                    "compared in the retrieval table.",
                    "At budget 1 every projection is orthogonal and exact: KL is fp32 round-off.",
-                   "Verdicts: paired bootstrap over the test sequences of the seed-mean per sequence; every seed's "
-                   "own difference must agree in sign."]),
+                   "`cases`: one row per test sequence, method, budget and training seed (the unit of the paired "
+                   "claims)."]),
         "choice.json": result_table(
             "Table 1 analogue: next-line multiple choice (log-likelihood scoring, 4 options)",
             [["method", "method"], ["budget", "budget"], ["accuracy", "acc"], ["acc_norm", "acc_norm"],
              ["acc_norm_seed_range", "acc_norm seed range"], ["n", "items"]], _pool(mc_rows),
-            choice_claims(mc_rows, choice_cases), cases=choice_cases,
+            cases=choice_cases,
             setting=f"{len(items)} seeded items from the test split; 3 context lines, true next line vs 3 random "
                     "lines of similar length; acc = summed log-likelihood, acc_norm = per-token (OpenCompass "
                     f"ppl-style); chance 0.25; trained rows: mean of {seeds} seeds",
             notes=["Budget 1 of every projection method equals full exactly (see the KL table), so it is not "
                    "re-run."])}
-
-
-def _row(rows, method, budget):
-    return next((r for r in rows if r["method"] == method and abs(r["budget"] - budget) < 1e-9), None)
-
-
-# Verdict rules, fixed before the run; method-vs-method ones are paired over the same test sequences / items.
-def lm_claims(rows: list[dict], cases: list[dict]) -> list[dict]:
-    full = _row(rows, "full", 1.0)
-    out = []
-    exact = [r for r in rows if r["budget"] == 1.0 and r["method"] in ("pca_uniform", "mkv_uniform", "mkv_searched")]
-    if exact:
-        worst = max(r["kl"] for r in exact)
-        dppl = max(abs(r["ppl"] - full["ppl"]) for r in exact)
-        out.append(claim("exact_full_rank", f"max KL {worst:.1e}, |Δppl| ≤ {dppl:.1e} at 100% (every seed)",
-                         strong=worst < 1e-5,
-                         note="ours is exact at r = d (fp32 U); the paper's bf16 runs lose up to 2 points"))
-    pca50 = _row(rows, "pca_uniform", 0.5)
-    if pca50 and full:
-        ratio = pca50["ppl"] / full["ppl"]
-        out.append(claim("pca_collapse", f"PCA ppl ×{ratio:.2f} of full at 50% (KL {pca50['kl']:.3f})",
-                         strong=ratio >= 2.0, note="rule: collapse = perplexity at least doubles at a 50% budget"))
-    if pca50 and _row(rows, "mkv_uniform", 0.5):
-        res = compare(cases, {"label": "mkv_uniform", "budget": 0.5}, {"label": "pca_uniform", "budget": 0.5}, "kl")
-        out.append(claim("mkv_beats_pca", describe(res, "MKV", "PCA") + " at 50%", verdict_=outcome(res, "a<b"),
-                         note="uniform ranks for both; reproduced iff the paired interval of the KL difference "
-                              "excludes 0 in MKV's favour for the seed mean and every seed agrees"))
-    if _row(rows, "mkv_searched", 0.375) and _row(rows, "mkv_uniform", 0.375):
-        res = compare(cases, {"label": "mkv_searched", "budget": 0.375}, {"label": "mkv_uniform", "budget": 0.375},
-                      "kl")
-        ppl = compare(cases, {"label": "mkv_searched", "budget": 0.375}, {"label": "mkv_uniform", "budget": 0.375},
-                      "answer_nll")
-        text = describe(res, "searched", "uniform") + "; " + describe(ppl, "searched", "uniform")
-        out.append(claim("search_gain", text + " at 37.5%",
-                         verdict_=combine([outcome(res, "a<b"), outcome(ppl, "a<b")]),
-                         note="paper: +1.92 avg accuracy points; ours in KL and NLL (accuracy in the choice table); "
-                              "reproduced iff both paired intervals favour the searched ranks for every seed"))
-    return out
-
-
-def choice_claims(rows: list[dict], cases: list[dict]) -> list[dict]:
-    full = _row(rows, "full", 1.0)
-    s = _row(rows, "mkv_searched", 0.375) or _row(rows, "mkv_uniform", 0.375)
-    if not (full and s):
-        return []
-    margin = 0.1 * full["acc_norm"]
-    res = compare(cases, {"label": s["method"], "budget": 0.375}, {"label": "full"}, "accuracy")
-    return [claim("mkv_holds_375", describe(res, s["method"], "full", digits=2) + " (acc_norm) at 37.5%",
-                  verdict_=noninferior(res, margin),
-                  note=f"non-inferiority: reproduced iff the paired interval lies above −{margin:.2f} (10% of full's "
-                       "acc_norm); next-line choice on a 135M model stands in for the 6 zero-shot tasks")]
 
 
 @paper.stage("retrieval")

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from shared.cache.base import (CompressedCache, CompressedLayer, PrefillRecord, attach, attention_modules,
                                positions_from_mask, routed_attention)
 from shared.cache.registry import KVMethod
-from shared.io import atomic_path
+from shared.io import save_safetensors
 
 KV = ("k", "v")
 
@@ -183,9 +183,7 @@ class KVProjection(nn.Module):
     def save(self, path, meta: dict | None = None) -> None:
         """Write the parameters to a safetensors file (atomically: a temporary file, then a rename); ``meta``
         values are stored as strings in its metadata."""
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                      metadata={k: str(v) for k, v in (meta or {}).items()})
+        save_safetensors(path, self.state_dict(), meta)
 
     @classmethod
     def load(cls, path) -> "KVProjection":
