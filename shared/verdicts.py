@@ -1,191 +1,578 @@
-"""Method-vs-method verdicts from per-case rows: paired intervals over cases, seed consistency, breakpoints.
+"""The claim engine: every claim's rule is data in ``papers/<id>/paper.yaml``; one engine judges every claim of every
+paper from the committed result files, with tests whose false-positive rate is ≤ 5% at the n used.
 
-Every KV method of a table is scored on the same seeded cases (``shared.kv_eval.evaluate_task(...,
-return_cases=True)``), so a comparison is *paired*: per case ``d_i = m_A(case i) − m_B(case i)`` and the verdict
-comes from the 95% paired-bootstrap interval of ``mean_i d_i`` (``shared.metrics.paired_bootstrap``):
+A claim (``paper.yaml``)::
 
-    reproduced       the interval excludes 0 on the side the paper claims
-    not reproduced   the interval excludes 0 on the other side
-    inconclusive     the interval contains 0 ("inconclusive at n = …"), or the training seeds disagree
+    - id: t1_cskv_vs_asvd_80
+      table: "Table 1"
+      claim: "At 80% compression CSKV keeps retrieval; ASVD at the same rank collapses."
+      paper: "LongEval: CSKV 0.92 vs ASVD 0.26"
+      rule:
+        file: table1.json                 # papers/<id>/results/<file>, its per-unit rows under `rows` (default cases)
+        where: {protocol: decode}         # filter applied to both sides
+        unit: case                        # unit of replication: case | seed | [field, ...]
+        metric: accuracy                  # decides the claim (accuracy = the per-case `correct`)
+        expect: greater                   # the direction the paper claims for A vs B
+        test: superiority                 # superiority | noninferiority | equivalence (margin: absolute, or
+                                          #   margin_of: b → margin × mean(B))
+        compare:                          # one or more A-vs-B comparisons; several → Holm-adjusted
+          - {name: "CSKV vs ASVD", a: {label: cskv, compression_ratio: 0.8}, b: {label: asvd, compression_ratio: 0.8}}
+        also: {kl: less}                  # supporting metrics: tested and shown, never deciding
+        floor: {label: full}              # untestable when this reference sits at the metric's floor
 
-A trained method is evaluated once per training seed (rows carry ``seed``). Its per-case value is the mean over
-seeds, and each seed's own mean difference must have the sign of the pooled one: a verdict that flips with the
-seed is not a verdict. CPU float order differs between machines (thread count, BLAS); differences that small move
-a point estimate but not an interval that excludes the tie by a margin — ``tests/test_verdicts.py`` re-runs a
-comparison under another thread count and asserts the same verdicts.
+How a comparison is decided (``judge_comparison``): rows matching a side are grouped by the unit key and averaged
+within a unit (over training seeds, over a swept ratio when the selector leaves it open); A and B are paired on
+their common units. The test follows the data:
 
-A **breakpoint** (ratio sweeps) is the largest compression ratio up to which a method's accuracy stays ≥ ``frac``
-(default 90%) of the full cache's accuracy at every swept ratio.
+    both sides 0/1 per unit     exact McNemar / sign test on the discordant pairs (two-sided, α = 5%)
+    otherwise                   exact sign-flip permutation test of the mean difference (two-sided, α = 5%)
+    noninferiority              one-sided sign-flip test of d + margin > 0 (and d + margin < 0 for "not")
+    equivalence                 two one-sided tests (TOST) against ±margin
+
+Outcomes: ``favours`` (significant in the claimed direction), ``against`` (significant the other way),
+``undecided`` (more data could decide), ``cannot decide`` (fewer than 6 informative pairs: no exact two-sided 5%
+test can reject), ``untestable`` (both sides at the metric's floor or ceiling, or the reference at its floor: the
+model cannot do the task). A trained method's seeds must agree: a per-seed mean difference of the other sign
+turns a significant result into ``undecided``. ``tests/test_verdict_calibration.py`` simulates null data and
+shows each test's decisive rate ≤ 5% (+ Monte-Carlo error); ``python -m shared.verdicts calibrate`` prints it.
+
+Verdict of a claim: every comparison favours → reproduced; favours and against both present → partially
+reproduced; against (and none favours) → not reproduced; every comparison untestable → untestable here; else
+inconclusive at n (or "cannot decide below n = 6"). Checks (``checks:`` in paper.yaml) are tests of our code —
+true by construction or ours against our own formula — reported apart from the paper's claims.
+
+Pre-registration: :func:`provenance` finds, in git, the commit that last changed each rule and the commit that
+last changed its result file; a rule committed after its data is flagged "rule revised after results", and a
+claim's ``revised:`` list keeps earlier rules (as data), each judged on the same data beside the current one.
+
+CLI: ``python -m shared.verdicts recheck papers/<id>`` recomputes every claim from the committed results and exits
+non-zero when ``reports/<id>/verdicts.json`` disagrees; ``python -m shared.verdicts calibrate`` prints the table.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib
+import json
 import math
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 from statistics import fmean
-from typing import Iterable
+from typing import Any, Literal
 
-from shared.metrics import paired_bootstrap, paired_verdict_text
-from shared.reports import claim
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-CASE_KEY = ("task", "length", "protocol", "case")
-METRICS = {"accuracy": ("correct", True), "kl": ("kl", False), "answer_nll": ("answer_nll", False),
-           "top1": ("top1", True)}
+from shared.metrics import MIN_DECIDABLE, exact_sign_test, holm, sign_flip_test
+
+ALPHA = 0.05
+VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "inconclusive", "untestable here")
+OUTCOMES = ("favours", "against", "undecided", "cannot decide", "untestable")
+UNITS = {"case": ["task", "length", "protocol", "case"], "seed": ["seed"]}
+#: metric name → the per-unit field holding it (identity when absent)
+FIELDS = {"accuracy": "correct"}
+#: a field's bounds (floor, ceiling); both sides at one bound → untestable
+BOUNDS = {"correct": (0.0, 1.0), "top1": (0.0, 1.0), "kl": (0.0, None)}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Comparison(_Model):
+    name: str
+    a: dict[str, Any]
+    b: dict[str, Any]
+
+
+class Rule(_Model):
+    file: str
+    rows: str = "cases"
+    where: dict[str, Any] = Field(default_factory=dict)
+    unit: str | list[str] = "case"
+    metric: str
+    expect: Literal["greater", "less"]
+    test: Literal["superiority", "noninferiority", "equivalence"] = "superiority"
+    margin: float = Field(0.0, ge=0)
+    margin_of: Literal["b"] | None = None
+    compare: list[Comparison] = Field(min_length=1)
+    also: dict[str, Literal["greater", "less"]] = Field(default_factory=dict)
+    floor: dict[str, Any] | None = None
+    seeds_agree: bool = True
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v):
+        if isinstance(v, str) and v not in UNITS:
+            raise ValueError(f"unit {v!r}: use one of {sorted(UNITS)} or a list of fields")
+        return v
+
+    @model_validator(mode="after")
+    def _margin(self):
+        if self.test != "superiority" and self.margin <= 0:
+            raise ValueError(f"test {self.test!r} needs a margin > 0, got {self.margin}")
+        return self
+
+    @property
+    def unit_fields(self) -> list[str]:
+        return UNITS[self.unit] if isinstance(self.unit, str) else list(self.unit)
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit if isinstance(self.unit, str) else "×".join(self.unit)
+
+
+class Revision(_Model):
+    commit: str
+    reason: str
+    rule: Rule
+
+
+class Claim(_Model):
+    id: str
+    table: str = ""
+    claim: str
+    paper: str = ""
+    rule: Rule | None = None
+    fn: str | None = None          # "module:function": (results, claim) → {"verdict", "text"}; judged by the engine
+    revised: list[Revision] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.rule is None) == (self.fn is None):
+            raise ValueError(f"claim {self.id}: give exactly one of `rule` (data) or `fn` (module:function)")
+        return self
+
+
+class Check(_Model):
+    id: str
+    what: str
+    file: str
+    rows: str = "rows"
+    where: dict[str, Any] = Field(default_factory=dict)
+    field: str
+    op: Literal["<=", ">=", "=="]
+    value: float | None = None
+    value_field: str | None = None
+    rtol: float = 0.0
+
+    @model_validator(mode="after")
+    def _target(self):
+        if (self.value is None) == (self.value_field is None):
+            raise ValueError(f"check {self.id}: give exactly one of `value` or `value_field`")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+def _field(metric: str) -> str:
+    return FIELDS.get(metric, metric)
 
 
 def _matches(row: dict, sel: dict) -> bool:
     return all(row.get(k) == v for k, v in sel.items())
 
 
-def per_case(cases: Iterable[dict], select: dict, metric: str) -> dict[tuple, dict]:
-    """``{case key: {seed: value}}`` of the rows matching ``select`` (``seed`` is ``None`` for untrained rows)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    field = METRICS[metric][0]
-    out: dict[tuple, dict] = defaultdict(dict)
-    for r in cases:
-        if _matches(r, select):
-            key = tuple(r.get(k) for k in CASE_KEY)
-            if r.get("seed") in out[key]:
-                raise ValueError(f"two rows for case {key} seed {r.get('seed')} match {select}: select more keys")
-            out[key][r.get("seed")] = float(r[field])
-    return dict(out)
+def select(rows: list[dict], sel: dict) -> list[dict]:
+    """Rows matching ``sel``. A value ``"$max"`` / ``"$min"`` picks the largest / smallest value of that field
+    among the rows matching the other keys (e.g. the last training step)."""
+    plain = {k: v for k, v in sel.items() if v not in ("$max", "$min")}
+    out = [r for r in rows if _matches(r, plain)]
+    for k, v in sel.items():
+        if v in ("$max", "$min"):
+            vals = [r[k] for r in out if r.get(k) is not None]
+            if not vals:
+                return []
+            pick = max(vals) if v == "$max" else min(vals)
+            out = [r for r in out if r.get(k) == pick]
+    return out
 
 
-def compare(cases: list[dict], a: dict, b: dict, metric: str, seed: int = 0) -> dict:
-    """Paired comparison of the rows selected by ``a`` and ``b`` on their common cases.
+def per_unit(rows: list[dict], sel: dict, field: str, unit: list[str]) -> tuple[dict, dict]:
+    """``({unit key: mean value}, {seed: {unit key: mean value}})`` of the rows matching ``sel``: values averaged
+    within a unit (over seeds, over what the selector leaves open); the per-seed means for seed agreement."""
+    got = select(rows, sel)
+    vals, by_seed = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for r in got:
+        if field not in r or r[field] is None:
+            raise ValueError(f"row {({k: r.get(k) for k in unit})} selected by {sel} has no field {field!r}")
+        key = tuple(r.get(k) for k in unit)
+        vals[key].append(float(r[field]))
+        if "seed" not in unit and r.get("seed") is not None:
+            by_seed[r["seed"]][key].append(float(r[field]))
+    return ({k: fmean(v) for k, v in vals.items()},
+            {s: {k: fmean(v) for k, v in d.items()} for s, d in by_seed.items()})
 
-    Returns :func:`~shared.metrics.paired_bootstrap`'s dict (``diff = mean(A) − mean(B)``, ``low``, ``high``,
-    ``n``, ``verdict`` a>b / a<b / tie) plus ``per_seed`` (each seed's mean difference, when either side has
-    several seeds) and ``seed_consistent`` (every per-seed difference has the pooled sign, or is 0)."""
-    A, B = per_case(cases, a, metric), per_case(cases, b, metric)
+
+# ---------------------------------------------------------------------------------------------- one comparison
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _pfmt(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str, rule: Rule,
+                     floor_value: float | None = None) -> dict:
+    """Test one A-vs-B comparison on ``metric``; returns ``{outcome, p, n, mean_a, mean_b, diff, test, text,
+    ...}``. ``p`` is the p-value of the claimed direction's decision (before any Holm adjustment)."""
+    field, unit = _field(metric), rule.unit_fields
+    A, A_seeds = per_unit(rows, {**rule.where, **cmp.a}, field, unit)
+    B, B_seeds = per_unit(rows, {**rule.where, **cmp.b}, field, unit)
     keys = sorted(set(A) & set(B), key=str)
     if not keys:
-        raise ValueError(f"no common cases between {a} ({len(A)} cases) and {b} ({len(B)} cases)")
-    res = paired_bootstrap([fmean(A[k].values()) for k in keys], [fmean(B[k].values()) for k in keys], seed=seed)
-    seeds = sorted({s for k in keys for s in (*A[k], *B[k]) if s is not None})
-    per_seed = {}
-    if len(seeds) > 1:
-        def at(values: dict, s):       # a seedless (untrained) side is the same for every seed
-            return values[s] if s in values else fmean(values.values())
-
-        for s in seeds:
-            per_seed[s] = fmean(at(A[k], s) - at(B[k], s) for k in keys)
-    sign = math.copysign(1.0, res["diff"]) if res["diff"] else 0.0
-    res["per_seed"] = per_seed
-    res["seed_consistent"] = all(d == 0 or math.copysign(1.0, d) == sign for d in per_seed.values())
-    res["metric"] = metric
+        raise ValueError(f"{cmp.name}: no common {rule.unit_name} units between A {cmp.a} ({len(A)} units) and "
+                         f"B {cmp.b} ({len(B)} units) in {rule.file}")
+    a, b = [A[k] for k in keys], [B[k] for k in keys]
+    d = [x - y for x, y in zip(a, b)]
+    n, ma, mb = len(keys), fmean(a), fmean(b)
+    res = {"name": cmp.name, "metric": metric, "n": n, "unit": rule.unit_name, "mean_a": ma, "mean_b": mb,
+           "diff": ma - mb}
+    sign = 1 if expect == "greater" else -1            # the claimed sign of A − B
+    lo, hi = BOUNDS.get(field, (None, None))
+    binary = all(v in (0.0, 1.0) for v in a + b)
+    at_bound = next((v for v in (lo, hi) if v is not None and all(x == v for x in a + b)), None)
+    margin = rule.margin * (mb if rule.margin_of == "b" else 1.0)
+    res["margin"] = margin
+    if floor_value is not None:
+        res.update(outcome="untestable", p=1.0, test="—",
+                   why=f"the reference sits at the floor ({_fmt(floor_value)}): the model cannot do the task here")
+    elif at_bound is not None and not (rule.test != "superiority" and at_bound == (hi if sign > 0 else lo)):
+        res.update(outcome="untestable", p=1.0, test="—",
+                   why=f"both sides at the metric's {'floor' if at_bound == lo else 'ceiling'} ({_fmt(at_bound)}) "
+                       f"on all {n} {rule.unit_name}s")
+    elif rule.test == "superiority":
+        if binary:
+            wins = sum(1 for x in d if x > 0)
+            losses = sum(1 for x in d if x < 0)
+            informative, p2 = wins + losses, exact_sign_test(wins, losses)
+            res.update(test="exact McNemar", discordant=[wins, losses],
+                       detail=f"discordant {wins}/{losses}")
+        else:
+            informative, p2 = sum(1 for x in d if x != 0), sign_flip_test(d)
+            res.update(test="exact sign-flip")
+        res["p"] = p2
+        if informative < MIN_DECIDABLE:
+            res.update(outcome="cannot decide",
+                       why=f"{informative} informative pair(s): an exact two-sided 5% test needs ≥ {MIN_DECIDABLE}")
+        else:
+            res["outcome"] = "undecided" if p2 >= ALPHA else ("favours" if sign * (ma - mb) > 0 else "against")
+    else:
+        # non-inferiority (claimed direction within margin) / equivalence (|d| < margin): sign-flip on shifted d
+        alt_fav, alt_bad = ("greater", "less") if sign > 0 else ("less", "greater")
+        p_fav = sign_flip_test(d, shift=-sign * margin, alternative=alt_fav)      # A not worse than B − margin
+        p_bad = sign_flip_test(d, shift=-sign * margin, alternative=alt_bad)      # A worse than B by > margin
+        res["test"] = "one-sided sign-flip vs margin" if rule.test == "noninferiority" else "TOST sign-flip"
+        if rule.test == "equivalence":
+            p_fav = max(p_fav, sign_flip_test(d, shift=sign * margin, alternative=alt_bad))
+            p_bad = min(p_bad, sign_flip_test(d, shift=sign * margin, alternative=alt_fav))
+        res["p"] = p_fav
+        if n < 5:      # one-sided exact: smallest p = 2⁻ⁿ, < 0.05 needs n ≥ 5
+            res.update(outcome="cannot decide", why=f"n = {n}: a one-sided exact 5% test needs n ≥ 5")
+        else:
+            res["outcome"] = "favours" if p_fav < ALPHA else "against" if p_bad < ALPHA else "undecided"
+    if res["outcome"] in ("favours", "against") and rule.seeds_agree:
+        seeds = sorted(set(A_seeds) | set(B_seeds))
+        if len(seeds) > 1:
+            def at(S, full, s, k):                     # a seedless side is the same for every seed
+                return S[s][k] if s in S and k in S[s] else full[k]
+            per_seed = {s: fmean(at(A_seeds, A, s, k) - at(B_seeds, B, s, k) for k in keys) for s in seeds}
+            res["per_seed"] = per_seed
+            want = math.copysign(1, ma - mb) if ma != mb else 0
+            if any(v != 0 and math.copysign(1, v) != want for v in per_seed.values()):
+                res.update(outcome="undecided", why="training seeds disagree in sign: "
+                           + ", ".join(f"s{s} {v:+.3g}" for s, v in per_seed.items()))
     return res
 
 
-def outcome(res: dict, expect: str) -> str:
-    """``reproduced`` / ``not reproduced`` / ``inconclusive`` of one comparison; ``expect`` is the claimed
-    direction, ``"a>b"`` or ``"a<b"``."""
-    if expect not in ("a>b", "a<b"):
-        raise ValueError(f"expect must be 'a>b' or 'a<b', got {expect!r}")
-    if res["verdict"] == "tie" or not res["seed_consistent"]:
-        return "inconclusive"
-    return "reproduced" if res["verdict"] == expect else "not reproduced"
-
-
-def describe(res: dict, name_a: str, name_b: str, digits: int = 3) -> str:
-    """One line: the paired interval, and the per-seed differences when there are several seeds."""
-    text = paired_verdict_text(res, name_a, name_b, res.get("metric", ""), digits=digits)
-    if res.get("per_seed"):
-        text += "; per seed " + ", ".join(f"{d:+.{digits}f}" for d in res["per_seed"].values())
-        if not res["seed_consistent"]:
-            text += " (seeds disagree: inconclusive)"
+def describe(res: dict) -> str:
+    """One line: means, difference, test, p, n and unit (and why, when not decided)."""
+    text = (f"{res['name']}: {res['metric']} {_fmt(res['mean_a'])} vs {_fmt(res['mean_b'])} "
+            f"(Δ {res['diff']:+.3g}")
+    if res.get("margin"):
+        text += f", margin {_fmt(res['margin'])}"
+    text += f"; {res['test']}"
+    if res.get("detail"):
+        text += f", {res['detail']}"
+    if res["test"] != "—":
+        text += f", p = {_pfmt(res['p'])}"
+        if res.get("p_holm") is not None:
+            text += f" (Holm {_pfmt(res['p_holm'])})"
+    text += f"; n = {res['n']} {res['unit']}s)"
+    if res.get("why"):
+        text += f" — {res['why']}"
     return text
 
 
-def combine(outcomes: list[str]) -> str:
-    """All reproduced → reproduced; any not reproduced → not reproduced; some (partially) reproduced and the rest
-    inconclusive → partially reproduced; else inconclusive."""
-    if not outcomes:
-        raise ValueError("no outcomes to combine")
-    if all(o == "reproduced" for o in outcomes):
+# ---------------------------------------------------------------------------------------------- one claim
+
+def _combine(outs: list[str]) -> str:
+    if all(o == "untestable" for o in outs):
+        return "untestable here"
+    testable = [o for o in outs if o != "untestable"]
+    if all(o == "favours" for o in testable):
         return "reproduced"
-    if any(o == "not reproduced" for o in outcomes):
-        return "not reproduced"
-    if any(o in ("reproduced", "partially reproduced") for o in outcomes):
+    if "favours" in testable and "against" in testable:
         return "partially reproduced"
+    if "against" in testable and "favours" not in testable:
+        return "not reproduced"
     return "inconclusive"
 
 
-def noninferior(res: dict, margin: float) -> str:
-    """Non-inferiority of A to B within ``margin`` (higher is better): reproduced iff the interval of A − B lies
-    above −margin, not reproduced iff it lies below −margin, else inconclusive."""
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    if not res["seed_consistent"]:
-        return "inconclusive"
-    return "reproduced" if res["low"] > -margin else "not reproduced" if res["high"] < -margin else "inconclusive"
+def judge_rule(rule: Rule, rows: list[dict]) -> dict:
+    """Verdict of one rule on the rows of its result file: ``{verdict, label, text, comparisons, supporting}``."""
+    floor_value = None
+    if rule.floor is not None:
+        ref, _ = per_unit(rows, {**rule.where, **rule.floor}, _field(rule.metric), rule.unit_fields)
+        if not ref:
+            raise ValueError(f"floor reference {rule.floor} selects no rows in {rule.file}")
+        lo = BOUNDS.get(_field(rule.metric), (None, None))[0]
+        if lo is not None and all(v == lo for v in ref.values()):
+            floor_value = lo
+    comps = [judge_comparison(rows, c, rule.metric, rule.expect, rule, floor_value) for c in rule.compare]
+    if len(comps) > 1:   # several comparisons inside one claim: Holm over the decisive p-values
+        live = [i for i, c in enumerate(comps) if c["outcome"] in ("favours", "against", "undecided")]
+        for i, p in zip(live, holm([comps[i]["p"] for i in live])):
+            comps[i]["p_holm"] = p
+            if p >= ALPHA and comps[i]["outcome"] in ("favours", "against"):
+                comps[i]["outcome"], comps[i]["why"] = "undecided", "not significant after Holm's adjustment"
+    verdict = _combine([c["outcome"] for c in comps])
+    label = verdict
+    if verdict == "inconclusive":
+        if all(c["outcome"] in ("cannot decide", "untestable", "favours") for c in comps):
+            label = f"inconclusive (cannot decide below n = {MIN_DECIDABLE} informative pairs)"
+        else:
+            label = f"inconclusive at n = {min(c['n'] for c in comps)}"
+    supporting = []
+    for metric, expect in rule.also.items():
+        for c in rule.compare:
+            s = judge_comparison(rows, c, metric, expect, rule)
+            s["claimed"] = expect
+            supporting.append(s)
+    text = " | ".join(describe(c) for c in comps)
+    if supporting:
+        text += " — supporting (not deciding): " + " | ".join(
+            describe(s) + f" [{s['outcome']}]" for s in supporting)
+    return {"verdict": verdict, "label": label, "text": text, "comparisons": comps, "supporting": supporting}
 
 
-def average_over(cases: list[dict], key: str) -> list[dict]:
-    """Per-case rows averaged over ``key`` (e.g. the swept compression ratio) per (label, seed, case): the area
-    under a method's curve, case by case, so that two methods' areas can be compared paired. Rows lacking ``key``
-    (the full cache) are left out."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in cases:
-        if r.get(key) is not None:
-            groups[(r.get("label"), r.get("seed"), *(r.get(k) for k in CASE_KEY))].append(r)
-    out = []
-    for (label, seed, *case), rs in groups.items():
-        row = {"label": label, "seed": seed, **dict(zip(CASE_KEY, case)), "points": len(rs)}
-        for field, _ in METRICS.values():
-            row[field] = fmean(float(r[field]) for r in rs)
-        out.append(row)
+def rule_text(rule: Rule) -> str:
+    """The rule in words, generated from the data."""
+    sides = "; ".join(f"{c.name}" for c in rule.compare)
+    what = {"superiority": f"{rule.metric} {'higher' if rule.expect == 'greater' else 'lower'} for A",
+            "noninferiority": f"A's {rule.metric} not {'below' if rule.expect == 'greater' else 'above'} B's by more "
+                              f"than {rule.margin:g}{' × B' if rule.margin_of else ''}",
+            "equivalence": f"|Δ {rule.metric}| < {rule.margin:g}{' × B' if rule.margin_of else ''}"}[rule.test]
+    text = (f"{sides}: {what}; paired over {rule.unit_name}s of `{rule.file}`"
+            + (f" where {rule.where}" if rule.where else "") + "; exact test, two-sided 5%"
+            + (" (Holm over comparisons)" if len(rule.compare) > 1 else ""))
+    if rule.floor:
+        text += f"; untestable if {rule.floor} is at the floor"
+    if rule.also:
+        text += "; supporting: " + ", ".join(f"{m} {'higher' if e == 'greater' else 'lower'}"
+                                             for m, e in rule.also.items())
+    return text
+
+
+def rule_hash(rule: Rule | None, fn: str | None = None) -> str:
+    blob = json.dumps(rule.model_dump() if rule is not None else {"fn": fn}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------- a paper
+
+def load_paper(folder: Path) -> tuple[dict, list[Claim], list[Check]]:
+    from shared.io import read_yaml
+
+    paper = read_yaml(folder / "paper.yaml")
+    claims = [Claim.model_validate(c) for c in paper.get("claims", [])]
+    checks = [Check.model_validate(c) for c in paper.get("checks", []) or []]
+    ids = [c.id for c in claims] + [c.id for c in checks]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise ValueError(f"{folder / 'paper.yaml'}: duplicate claim/check ids {sorted(dup)}")
+    return paper, claims, checks
+
+
+def _rows_of(results: dict[str, dict], file: str, key: str) -> list[dict]:
+    if file not in results:
+        raise FileNotFoundError(f"result file {file!r} missing; have {sorted(results)} (run the paper's stages)")
+    if key not in results[file]:
+        raise ValueError(f"{file} has no {key!r} list; keys: {sorted(results[file])}")
+    return results[file][key]
+
+
+def judge_claim(claim: Claim, results: dict[str, dict]) -> dict:
+    if claim.fn is not None:
+        mod, _, name = claim.fn.partition(":")
+        out = getattr(importlib.import_module(mod), name)(results, claim)
+        if out.get("verdict") not in VERDICTS:
+            raise ValueError(f"claim {claim.id}: {claim.fn} returned verdict {out.get('verdict')!r}")
+        got = {"label": out["verdict"], **out}
+    else:
+        got = judge_rule(claim.rule, _rows_of(results, claim.rule.file, claim.rule.rows))
+    got["earlier"] = [{"commit": r.commit, "reason": r.reason,
+                       **{k: v for k, v in judge_rule(r.rule, _rows_of(results, r.rule.file, r.rule.rows)).items()
+                          if k in ("verdict", "label", "text")}} for r in claim.revised]
+    return got
+
+
+def judge_check(check: Check, results: dict[str, dict]) -> dict:
+    rows = select(_rows_of(results, check.file, check.rows), check.where)
+    if not rows:
+        raise ValueError(f"check {check.id}: no rows of {check.file} match {check.where}")
+    bad = []
+    for r in rows:
+        x = float(r[check.field])
+        y = float(r[check.value_field]) if check.value_field else float(check.value)
+        ok = (x <= y if check.op == "<=" else x >= y if check.op == ">=" else
+              abs(x - y) <= check.rtol * max(abs(y), 1e-300))
+        if not ok:
+            bad.append(f"{check.field} = {_fmt(x)} vs {_fmt(y)}")
+    worst = max(float(r[check.field]) for r in rows) if check.op == "<=" else \
+        min(float(r[check.field]) for r in rows)
+    text = (f"{len(rows) - len(bad)}/{len(rows)} rows satisfy {check.field} {check.op} "
+            f"{check.value_field or _fmt(check.value)}" + (f" (rtol {check.rtol:g})" if check.op == "==" else "")
+            + ("" if check.op == "==" else f"; {'max' if check.op == '<=' else 'min'} {_fmt(worst)}"))
+    if bad:
+        text += "; failing: " + "; ".join(bad[:3])
+    return {"passed": not bad, "text": text}
+
+
+def read_results(folder: Path) -> dict[str, dict]:
+    from shared.io import read_json
+
+    return {p.name: read_json(p) for p in sorted((folder / "results").glob("*.json"))}
+
+
+def judge_paper(folder: Path) -> dict:
+    """Every claim and check of a paper, from its results: ``{"claims": {id: ...}, "checks": {id: ...}}``."""
+    _, claims, checks = load_paper(folder)
+    results = read_results(folder)
+    out = {"claims": {}, "checks": {}}
+    for c in claims:
+        out["claims"][c.id] = judge_claim(c, results)
+    for c in checks:
+        out["checks"][c.id] = judge_check(c, results)
     return out
 
 
-def paired_outcome(cases: list[dict], a: dict, b: dict, name_a: str, name_b: str,
-                   metrics: dict[str, str]) -> tuple[str, str]:
-    """``(text, verdict)`` of one or more paired comparisons of A vs B: ``metrics`` maps a metric to the direction
-    the paper claims (``{"accuracy": "a>b", "kl": "a<b"}``); the verdict is :func:`combine` of the outcomes."""
-    parts, outs = [], []
-    for metric, expect in metrics.items():
-        res = compare(cases, a, b, metric)
-        outs.append(outcome(res, expect))
-        parts.append(describe(res, name_a, name_b, digits=2 if metric == "accuracy" else 3))
-    return "; ".join(parts), combine(outs)
+def summary(judged: dict) -> dict:
+    """What ``reports/<id>/verdicts.json`` records and ``recheck`` compares: verdict, label and text per claim,
+    pass/fail per check."""
+    return {"claims": {k: {"verdict": v["verdict"], "label": v["label"], "text": v["text"],
+                           "earlier": [{x: e[x] for x in ("commit", "verdict", "label")} for e in v["earlier"]]}
+                       for k, v in judged["claims"].items()},
+            "checks": {k: {"passed": v["passed"], "text": v["text"]} for k, v in judged["checks"].items()}}
 
 
-def paired_claim(claim_id: str, cases: list[dict], a: dict, b: dict, name_a: str, name_b: str,
-                 metrics: dict[str, str], note: str = "") -> dict:
-    """A claim row from :func:`paired_outcome`."""
-    text, verdict = paired_outcome(cases, a, b, name_a, name_b, metrics)
-    return claim(claim_id, text, verdict_=verdict, note=note)
+# ---------------------------------------------------------------------------------------------- provenance
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-CASE_FIELDS = ("method", "case", "context_tokens", "correct", "answer_nll", "kl", "top1", "bytes", "full_bytes",
-               "seed")
+def provenance(folder: Path, claims: list[Claim]) -> dict[str, dict]:
+    """Per claim: ``rule_commit`` (the commit since which its rule is unchanged; "uncommitted" when the working
+    copy differs), ``data_commit`` (last commit of its result file), and ``revised_after_results``."""
+    import yaml
 
-
-def summary_rows(cases: list[dict], keys: tuple[str, ...] = ("task", "length", "protocol", "label",
-                                                              "compression_ratio")) -> list[dict]:
-    """One table row per ``keys`` group of per-case rows (training seeds pooled, see
-    :func:`shared.kv_eval.summarize`), carrying the group's other label fields (e.g. ``window``)."""
-    from shared.kv_eval import summarize
-
-    out = []
-    for s in summarize(cases, keys):
-        first = next(c for c in cases if all(c.get(k) == s[k] for k in keys))
-        out.append({**{k: v for k, v in first.items() if k not in s and k not in CASE_FIELDS}, **s})
+    root = Path(_git("rev-parse", "--show-toplevel", cwd=folder) or folder)
+    rel = folder.resolve().relative_to(root.resolve()).as_posix()
+    history = (_git("log", "--format=%H", "--", f"{rel}/paper.yaml", cwd=root) or "").split()
+    past: list[tuple[str, dict]] = []
+    for sha in history:
+        text = _git("show", f"{sha}:{rel}/paper.yaml", cwd=root)
+        try:
+            data = yaml.safe_load(text) if text else {}
+        except yaml.YAMLError:
+            data = {}
+        hashes = {}
+        for c in (data or {}).get("claims", []) or []:
+            try:
+                cl = Claim.model_validate(c)
+            except Exception:        # an older schema (claims without rules) cannot match a current rule
+                continue
+            hashes[cl.id] = rule_hash(cl.rule, cl.fn)
+        past.append((sha, hashes))
+    out = {}
+    for c in claims:
+        h = rule_hash(c.rule, c.fn)
+        since = "uncommitted"
+        for sha, hashes in past:                      # newest first: walk back while the rule is the same
+            if hashes.get(c.id) != h:
+                break
+            since = sha
+        if past and since == "uncommitted" and past[0][1].get(c.id) == h:
+            since = past[0][0]
+        files = [c.rule.file] if c.rule else []
+        data = None
+        for f in files:
+            path = f"{rel}/results/{f}"
+            dirty = _git("status", "--porcelain", "--", path, cwd=root)
+            data = "uncommitted" if dirty else (_git("log", "-1", "--format=%H", "--", path, cwd=root) or None)
+        after = False
+        if data and data != "uncommitted" and since != "uncommitted" and since != data:
+            after = _git("merge-base", "--is-ancestor", data, since, cwd=root) is not None
+        out[c.id] = {"rule_commit": since[:10] if since != "uncommitted" else since,
+                     "data_commit": (data[:10] if data and data != "uncommitted" else data),
+                     "revised_after_results": bool(after or c.revised)}
     return out
 
 
-def breakpoint(rows: list[dict], label: str, full_accuracy: float, frac: float = 0.9,
-               key: str = "compression_ratio") -> float | None:
-    """The largest swept ratio ``r`` such that ``accuracy(r') ≥ frac · full_accuracy`` for every swept ``r' ≤ r``
-    (summary rows of one method, selected by ``label``); ``None`` when the smallest ratio already fails."""
-    if not 0 < frac <= 1:
-        raise ValueError(f"frac must be in (0, 1], got {frac}")
-    pts = sorted((r[key], r["accuracy"]) for r in rows if r.get("label") == label and r.get(key) is not None)
-    if not pts:
-        raise ValueError(f"no summary rows with label {label!r} and a {key!r}")
-    best = None
-    for ratio, acc in pts:
-        if acc < frac * full_accuracy:
-            break
-        best = ratio
-    return best
+# ---------------------------------------------------------------------------------------------- CLI
+
+def recheck(folder: Path, reports_dir: Path | None = None) -> list[str]:
+    """Differences between the verdicts recomputed from ``folder``'s results and ``reports/<id>/verdicts.json``."""
+    from shared.io import read_json
+    from shared.paths import REPORTS_DIR
+
+    reports_dir = reports_dir or REPORTS_DIR
+    stored = read_json(reports_dir / folder.name / "verdicts.json")
+    fresh = summary(judge_paper(folder))
+    diffs = []
+    for kind in ("claims", "checks"):
+        for k in sorted(set(stored.get(kind, {})) | set(fresh[kind])):
+            if stored.get(kind, {}).get(k) != fresh[kind].get(k):
+                diffs.append(f"{kind[:-1]} {k}: report {stored.get(kind, {}).get(k)} != recomputed "
+                             f"{fresh[kind].get(k)}")
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shared.verdicts", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recheck", help="recompute every claim from the committed results; non-zero on disagreement")
+    r.add_argument("papers", nargs="*", type=Path, help="papers/<id> folders (default: all)")
+    c = sub.add_parser("calibrate", help="decisive rate of each test under simulated null data (markdown table)")
+    c.add_argument("--trials", type=int, default=2000)
+    args = ap.parse_args(argv)
+    if args.cmd == "calibrate":
+        from shared.calibration import calibration_table
+
+        print(calibration_table(args.trials))
+        return 0
+    from shared.paths import PAPERS_DIR, REPORTS_DIR
+
+    folders = args.papers or sorted(p.parent for p in PAPERS_DIR.glob("*/paper.yaml")
+                                    if (REPORTS_DIR / p.parent.name / "verdicts.json").is_file())
+    bad = 0
+    for folder in folders:
+        diffs = recheck(folder)
+        n = len(summary(judge_paper(folder))["claims"])
+        print(f"{folder.name}: {'OK' if not diffs else 'DIFFERS'} ({n} claims recomputed from results/)")
+        for d in diffs:
+            print("  " + d)
+        bad += bool(diffs)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

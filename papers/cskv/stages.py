@@ -22,6 +22,7 @@ from papers.cskv.module import (activation_stats, collect_inputs, init_factors, 
 from shared.cache.decompose import INITS
 from shared.cache.orthogonal import KVProjection, on_rank_grid
 from shared.cache.registry import METHODS, build
+from shared.io import save_safetensors
 from shared.kv_eval import average_over, breakpoint, evaluate_task, summary_rows
 from shared.paths import REPO_ROOT
 from shared.reports import result_table

@@ -24,6 +24,7 @@ from papers.matryoshka_kv.module import (greedy_rank_search, kv_statistics, spli
 from shared.cache.base import full_cache, record_prefill
 from shared.cache.orthogonal import KVProjection, check_budget, check_ranks
 from shared.cache.registry import METHODS, build
+from shared.io import save_safetensors
 from shared.kv_eval import evaluate_task, summary_rows
 from shared.metrics import kl_divergence, token_nll, top1_agreement
 from shared.reports import result_table
