@@ -64,7 +64,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.metrics import MIN_DECIDABLE, exact_sign_test, holm, sign_flip_test
+from shared.metrics import MIN_DECIDABLE, exact_sign_test, holm, paired_binary_bounds, sign_flip_test
 
 ALPHA = 0.05
 VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "inconclusive", "untestable here")
@@ -84,6 +84,8 @@ class Comparison(_Model):
     name: str
     a: dict[str, Any]
     b: dict[str, Any]
+    metric_a: str | None = None      # compare two fields of the same rows (e.g. value vs key channels kept)
+    metric_b: str | None = None
 
 
 class Rule(_Model):
@@ -112,6 +114,8 @@ class Rule(_Model):
     def _margin(self):
         if self.test != "superiority" and self.margin <= 0:
             raise ValueError(f"test {self.test!r} needs a margin > 0, got {self.margin}")
+        if self.test != "superiority" and len(self.compare) != 1:
+            raise ValueError(f"a {self.test} rule compares one pair (got {len(self.compare)}); split the claim")
         return self
 
     @property
@@ -140,9 +144,15 @@ class Claim(_Model):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.rule is None) == (self.fn is None):
-            raise ValueError(f"claim {self.id}: give exactly one of `rule` (data) or `fn` (module:function)")
+        if self.rule is not None and self.fn is not None:
+            raise ValueError(f"claim {self.id}: give one of `rule` (data) or `fn` (module:function), not both")
         return self
+
+    @property
+    def legacy(self) -> bool:
+        """No rule as data yet: the verdict still comes from the stage code's result file (papers not yet moved
+        onto the engine); the report marks it."""
+        return self.rule is None and self.fn is None
 
 
 class Check(_Model):
@@ -220,8 +230,8 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
     """Test one A-vs-B comparison on ``metric``; returns ``{outcome, p, n, mean_a, mean_b, diff, test, text,
     ...}``. ``p`` is the p-value of the claimed direction's decision (before any Holm adjustment)."""
     field, unit = _field(metric), rule.unit_fields
-    A, A_seeds = per_unit(rows, {**rule.where, **cmp.a}, field, unit)
-    B, B_seeds = per_unit(rows, {**rule.where, **cmp.b}, field, unit)
+    A, A_seeds = per_unit(rows, {**rule.where, **cmp.a}, _field(cmp.metric_a or metric), unit)
+    B, B_seeds = per_unit(rows, {**rule.where, **cmp.b}, _field(cmp.metric_b or metric), unit)
     keys = sorted(set(A) & set(B), key=str)
     if not keys:
         raise ValueError(f"{cmp.name}: no common {rule.unit_name} units between A {cmp.a} ({len(A)} units) and "
@@ -246,22 +256,50 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
                        f"on all {n} {rule.unit_name}s")
     elif rule.test == "superiority":
         if binary:
+            if margin:
+                raise ValueError(f"{cmp.name}: a superiority margin needs a continuous metric, {metric} is 0/1")
             wins = sum(1 for x in d if x > 0)
             losses = sum(1 for x in d if x < 0)
             informative, p2 = wins + losses, exact_sign_test(wins, losses)
             res.update(test="exact McNemar", discordant=[wins, losses],
                        detail=f"discordant {wins}/{losses}")
-        else:
-            informative, p2 = sum(1 for x in d if x != 0), sign_flip_test(d)
+        else:       # a superiority margin: A beats B by more than it (e.g. perplexity at least doubles)
+            shifted = [x - sign * margin for x in d]
+            informative, p2 = sum(1 for x in shifted if x != 0), sign_flip_test(shifted)
             res.update(test="exact sign-flip")
+            ma_shift = sign * margin
+            res["diff_vs_margin"] = (ma - mb) - ma_shift
         res["p"] = p2
         if informative < MIN_DECIDABLE:
             res.update(outcome="cannot decide",
                        why=f"{informative} informative pair(s): an exact two-sided 5% test needs ≥ {MIN_DECIDABLE}")
         else:
-            res["outcome"] = "undecided" if p2 >= ALPHA else ("favours" if sign * (ma - mb) > 0 else "against")
+            res["outcome"] = "undecided" if p2 >= ALPHA else (
+                "favours" if sign * (ma - mb - (0 if binary else sign * margin)) > 0 else "against")
+    elif binary or _binary_per_seed(A_seeds, B_seeds, A, B, keys):
+        # binary margin test: exact simultaneous bounds on P(A wins) − P(A loses), per training seed when a side has
+        # several (every seed must agree: an intersection of exact tests, still ≤ 5%)
+        res["test"] = "exact Clopper–Pearson bounds vs margin"
+        outs, details = [], []
+        for s_, (a_s, b_s) in _binary_seed_pairs(A_seeds, B_seeds, A, B, keys).items():
+            dd = [sign * (x - y) for x, y in zip(a_s, b_s)]
+            w, l = sum(1 for x in dd if x > 0), sum(1 for x in dd if x < 0)
+            lo_b, hi_b = paired_binary_bounds(w, l, n)
+            if rule.test == "noninferiority":
+                o = "favours" if lo_b > -margin else "against" if hi_b < -margin else "undecided"
+            else:
+                o = ("favours" if -margin < lo_b and hi_b < margin else
+                     "against" if hi_b < -margin or lo_b > margin else "undecided")
+            outs.append(o)
+            details.append(("" if s_ is None else f"s{s_} ") + f"[{lo_b:+.2f}, {hi_b:+.2f}]")
+        res["detail"] = "95% bounds on claimed-direction Δ " + ", ".join(details)
+        res["p"] = 1.0
+        res["outcome"] = outs[0] if len(set(outs)) == 1 else "undecided"
+        if len(set(outs)) > 1:
+            res["why"] = "training seeds disagree"
     else:
-        # non-inferiority (claimed direction within margin) / equivalence (|d| < margin): sign-flip on shifted d
+        # continuous non-inferiority (claimed direction within margin) / equivalence (|d| < margin): sign-flip
+        # tests of the shifted differences
         alt_fav, alt_bad = ("greater", "less") if sign > 0 else ("less", "greater")
         p_fav = sign_flip_test(d, shift=-sign * margin, alternative=alt_fav)      # A not worse than B − margin
         p_bad = sign_flip_test(d, shift=-sign * margin, alternative=alt_bad)      # A worse than B by > margin
@@ -288,6 +326,20 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
     return res
 
 
+def _binary_seed_pairs(A_seeds, B_seeds, A, B, keys) -> dict:
+    """{seed: (A values, B values)} on ``keys``, one pair of lists per training seed (a seedless side repeats)."""
+    seeds = sorted(set(A_seeds) | set(B_seeds), key=str) or [None]
+
+    def side(S, full, s):
+        return [S[s][k] if s in S and k in S[s] else full[k] for k in keys]
+    return {s: (side(A_seeds, A, s), side(B_seeds, B, s)) for s in seeds}
+
+
+def _binary_per_seed(A_seeds, B_seeds, A, B, keys) -> bool:
+    pairs = _binary_seed_pairs(A_seeds, B_seeds, A, B, keys)
+    return bool(A_seeds or B_seeds) and all(v in (0.0, 1.0) for a, b in pairs.values() for v in a + b)
+
+
 def describe(res: dict) -> str:
     """One line: means, difference, test, p, n and unit (and why, when not decided)."""
     text = (f"{res['name']}: {res['metric']} {_fmt(res['mean_a'])} vs {_fmt(res['mean_b'])} "
@@ -297,7 +349,7 @@ def describe(res: dict) -> str:
     text += f"; {res['test']}"
     if res.get("detail"):
         text += f", {res['detail']}"
-    if res["test"] != "—":
+    if res["test"] not in ("—", "exact Clopper–Pearson bounds vs margin"):
         text += f", p = {_pfmt(res['p'])}"
         if res.get("p_holm") is not None:
             text += f" (Holm {_pfmt(res['p_holm'])})"
@@ -406,6 +458,11 @@ def _rows_of(results: dict[str, dict], file: str, key: str) -> list[dict]:
 
 
 def judge_claim(claim: Claim, results: dict[str, dict]) -> dict:
+    if claim.legacy:
+        got = next((c for r in results.values() for c in r.get("claims", []) if c.get("id") == claim.id), None)
+        v = (got or {}).get("verdict", "not run")
+        return {"verdict": v, "label": v + " (rule in stage code)", "text": (got or {}).get("ours", "not run"),
+                "earlier": [], "legacy": True}
     if claim.fn is not None:
         mod, _, name = claim.fn.partition(":")
         out = getattr(importlib.import_module(mod), name)(results, claim)
@@ -513,6 +570,9 @@ def provenance(folder: Path, claims: list[Claim]) -> dict[str, dict]:
         if past and since == "uncommitted" and past[0][1].get(c.id) == h:
             since = past[0][0]
         files = [c.rule.file] if c.rule else []
+        if c.legacy:
+            out[c.id] = {"rule_commit": "stage code", "data_commit": None, "revised_after_results": False}
+            continue
         data = None
         for f in files:
             path = f"{rel}/results/{f}"
