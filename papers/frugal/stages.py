@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from shared.pretrain.optim import OPTIMIZERS, REGULAR_KINDS
-from shared.reports import claim, result_table
+from shared.reports import result_table
 from shared.stages import Paper, Params, StageContext
 
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)       # the registry's names (shared/pretrain/optim)
@@ -74,6 +74,7 @@ class Figures(Params):
     cos_rank: int = Field(64, ge=1)
     cos_layer: str = "model.layers.1.mlp.down_proj.weight"
     cos_steps: list[int] = Field(min_length=2)
+    random_pairs: int = Field(200, ge=19)        # null draws of the subspace claim (p ≥ 1/(1 + draws))
 
 
 class FrugalParams(Params):
@@ -152,6 +153,7 @@ def pretrain_run(ctx: StageContext, name: str, seed: int, data, regular_signsgd:
                       val_every=t.val_every, seed=seed, min_ratio=t.min_lr_ratio,
                       logger=ctx.lightning_logger(f"{label or name}/seed{seed}"), progress=False)
     seconds = time.perf_counter() - t0
+    ctx.timing(f"sec_per_step/{label or name}/seed{seed}", seconds / t.steps)
     groups = param_groups(model)
     measured = state_bytes(holder["opt"], groups)
     analytic = analytic_state_bytes(run.optimizer, model, **params)
@@ -159,12 +161,11 @@ def pretrain_run(ctx: StageContext, name: str, seed: int, data, regular_signsgd:
            "final_val_ppl": module.curve[-1]["val_ppl"], "final_val_loss": module.curve[-1]["val_loss"],
            "state_mb": measured["total"] / 1e6, "state_linear_mb": measured["linear"] / 1e6,
            "analytic_state_mb": analytic["total"] / 1e6, "peak_state_mb": measured.get("peak", measured["total"]) / 1e6,
-           "sec_per_step": seconds / t.steps, "tokens_per_s": t.steps * t.batch_size * t.seq_len / seconds,
-           "batch_order_sha256": order_hash(order)}
+           "val_window_loss": module.final_window_losses, "batch_order_sha256": order_hash(order)}
     ctx.cell(f"{label or name}/seed{seed}", {k: v for k, v in out.items() if isinstance(v, float)},
              {"run": label or name, "seed": seed, **{k: str(v) for k, v in params.items()}})
     print(f"{label or name} seed {seed}: val ppl {out['final_val_ppl']:.2f}, state {out['state_mb']:.1f} MB, "
-          f"{out['sec_per_step']:.2f} s/step", flush=True)
+          f"{seconds / t.steps:.2f} s/step", flush=True)
     return out
 
 
@@ -184,36 +185,17 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def paired_claim(claim_id: str, runs: dict[str, list[dict]], better: str, worse: str, what: str, note: str) -> dict:
-    """Reproduced iff ``better`` has lower final validation perplexity than ``worse`` in every seed *and* the 95%
-    paired-bootstrap interval of ppl(worse) − ppl(better) excludes 0; not reproduced iff the reverse holds;
-    otherwise inconclusive at n seeds. Seeds pair the runs (same init, same batches)."""
-    from shared.metrics import paired_bootstrap, paired_verdict_text
-
-    by_seed_b = {r["seed"]: r["final_val_ppl"] for r in runs[better]}
-    by_seed_w = {r["seed"]: r["final_val_ppl"] for r in runs[worse]}
-    seeds = sorted(set(by_seed_b) & set(by_seed_w))
-    a, b = [by_seed_w[s] for s in seeds], [by_seed_b[s] for s in seeds]
-    if len(seeds) < 2:
-        return claim(claim_id, f"n = {len(seeds)} seed(s): no paired interval", verdict_="inconclusive", note=note)
-    res = paired_bootstrap(a, b, seed=0)
-    wins = sum(x > y for x, y in zip(a, b))
-    text = paired_verdict_text(res, f"ppl({worse})", f"ppl({better})", "val ppl")
-    ours = f"{what}: {better} {statistics.fmean(b):.2f} vs {worse} {statistics.fmean(a):.2f}; {better} lower in " \
-           f"{wins}/{len(seeds)} seeds; {text}"
-    if res["verdict"] == "a>b" and wins == len(seeds):
-        v = "reproduced"
-    elif res["verdict"] == "a<b" and wins == 0:
-        v = "not reproduced"
-    else:
-        v = "inconclusive"
-    return claim(claim_id, ours, verdict_=v, note=note)
+def window_cases(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per (run, seed, validation window): the window's mean next-token loss after training — the cases
+    of the paired claims (unit: validation window, seed-mean per window; every seed must agree)."""
+    return [{"label": name, "seed": r["seed"], "task": "val", "length": None, "protocol": None, "case": i,
+             "val_loss": loss} for name, rs in results.items() for r in rs for i, loss in enumerate(r["val_window_loss"])]
 
 
 # ---- stages ------------------------------------------------------------------------------------------------
 RUN_COLUMNS = [["run", "optimizer run"], ["n_seeds", "seeds"], ["val_ppl", "final val ppl (mean)"],
                ["val_ppl_sd", "± sd"], ["state_mb", "state MB (measured)"], ["analytic_state_mb", "state MB (formula)"],
-               ["state_linear_mb", "Linear-only state MB"], ["sec_per_step", "s / step"]]
+               ["state_linear_mb", "Linear-only state MB"]]
 
 
 def _summaries(results: dict[str, list[dict]]) -> list[dict]:
@@ -222,7 +204,6 @@ def _summaries(results: dict[str, list[dict]]) -> list[dict]:
         m, sd = _mean_sd([r["final_val_ppl"] for r in rs])
         rows.append({"run": name, "n_seeds": len(rs), "val_ppl": m, "val_ppl_sd": sd, "state_mb": rs[0]["state_mb"],
                      "analytic_state_mb": rs[0]["analytic_state_mb"], "state_linear_mb": rs[0]["state_linear_mb"],
-                     "sec_per_step": statistics.fmean(r["sec_per_step"] for r in rs),
                      "batch_orders": sorted({r["batch_order_sha256"][:12] for r in rs})})
     return rows
 
@@ -251,21 +232,10 @@ def main_table(ctx: StageContext) -> dict:
     data = _data(ctx)
     results = {name: [pretrain_run(ctx, name, s, data) for s in p.seeds] for name in p.main}
     rows = _summaries(results)
-    by = {r["run"]: r for r in rows}
-    frugal, frugal0, galore = _find(p, "frugal", 0.25), _find(p, "frugal", 0.0), _find(p, "galore")
-    claims = []
-    if frugal and galore:
-        claims.append(paired_claim("frugal_beats_galore", results, frugal, galore, "final val ppl",
-                                   f"state {by[frugal]['state_mb']:.1f} MB (FRUGAL) vs {by[galore]['state_mb']:.1f} "
-                                   "MB (GaLore), measured; rule in stages.paired_claim"))
-    if frugal0 and galore:
-        claims.append(paired_claim("frugal_rho0_beats_galore", results, frugal0, galore, "final val ppl",
-                                   f"ρ = 0: {by[frugal0]['state_mb']:.1f} MB of state (embeddings, norms, head)"))
-    claims.append(bytes_claim(rows))
     return {
         "main.json": result_table(
             "Table (a) — CPU pre-training: AdamW / GaLore / FRUGAL ρ = 0.25 / FRUGAL ρ = 0", RUN_COLUMNS, rows,
-            claims, setting=_setting(p, p.seeds), table_ref="FRUGAL pre-training table (GaLore Table 2 protocol)",
+            setting=_setting(p, p.seeds), cases=window_cases(results), table_ref="FRUGAL pre-training table (GaLore Table 2 protocol)",
             runs={n: [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in rs]
                   for n, rs in results.items()},
             notes=["`state MB`: bytes of the optimizer's state tensors after training (moments, projectors, indices; "
@@ -276,22 +246,6 @@ def main_table(ctx: StageContext) -> dict:
                                                                             ["val_ppl", "val ppl"]],
             _curve_rows(results), setting=_setting(p, p.seeds),
             plot={"x": "step", "y": "val_ppl", "series": "run", "xlabel": "step", "ylabel": "validation perplexity"})}
-
-
-def _find(p: FrugalParams, optimizer: str, density: float | None = None) -> str | None:
-    for name in p.main:
-        run = p.runs[name]
-        if run.optimizer == optimizer and (density is None or (run.model_extra or {}).get("density") == density):
-            return name
-    return None
-
-
-def bytes_claim(rows: list[dict]) -> dict:
-    """Reproduced iff every optimizer's measured state bytes equal its analytic formula (within 0.1%)."""
-    worst = max(abs(r["state_mb"] - r["analytic_state_mb"]) / max(r["analytic_state_mb"], 1e-9) for r in rows)
-    return claim("state_bytes_formula", "measured = formula for " + ", ".join(
-        f"{r['run']} {r['state_mb']:.1f} MB" for r in rows) + f" (max rel. diff {worst:.1e})",
-        strong=worst < 1e-3, note="tiny model; the paper shapes are in the memory table")
 
 
 @paper.stage("sensitivity")
@@ -305,30 +259,13 @@ def sensitivity(ctx: StageContext) -> dict:
         results[label] = [pretrain_run(ctx, s.base, seed, data, regular_signsgd=(g,), label=label) for seed in s.seeds]
     rows = _summaries(results)
     base = next(r for r in rows if r["run"] == s.base)
-    label = {g: f"{s.base} + {g} on signSGD" for g in s.groups}
-    harm = {g: next(r for r in rows if r["run"] == label[g])["val_ppl"] - base["val_ppl"] for g in s.groups}
-    c = logits_claim(results, label, harm, len(s.seeds))
+    for r in rows:
+        r["delta_ppl"] = r["val_ppl"] - base["val_ppl"]
     return {"sensitivity.json": result_table(
-        "Claim (c) — which regular parameters need Adam (FRUGAL ρ = 0 + one group on signSGD)", RUN_COLUMNS, rows,
-        [c], setting=_setting(p, s.seeds), runs={n: [{k: v for k, v in r.items() if k != "curve"} for r in rs]
-                                                 for n, rs in results.items()})}
-
-
-def logits_claim(results: dict[str, list[dict]], label: dict[str, str], harm: dict[str, float], n: int) -> dict:
-    """Reproduced iff moving the logits layer to signSGD gives a higher validation perplexity than moving any other
-    regular group, each comparison paired over seeds (:func:`paired_claim`: every seed agrees and the 95% interval
-    excludes 0); not reproduced iff another group is worse in the same sense; otherwise inconclusive at n."""
-    if "logits" not in label or len(label) < 2:
-        return claim("logits_most_sensitive", "needs the logits group and another", verdict_="inconclusive")
-    pairs = [paired_claim("logits_most_sensitive", results, label[g], label["logits"], "val ppl", "")
-             for g in label if g != "logits"]
-    verdicts = {p["verdict"] for p in pairs}
-    v = "reproduced" if verdicts == {"reproduced"} else ("not reproduced" if "not reproduced" in verdicts
-                                                          else "inconclusive")
-    ours = "Δ val ppl vs all-regular-Adam (mean over seeds): " + ", ".join(f"{g} {h:+.2f}" for g, h in harm.items())
-    ours += "; " + "; ".join(p["ours"].split("; ", 1)[-1] for p in pairs)
-    return claim("logits_most_sensitive", ours, verdict_=v,
-                 note=f"FRUGAL ρ = 0 base; each other group compared with logits, paired over {n} seeds")
+        "Claim (c) — which regular parameters need Adam (FRUGAL ρ = 0 + one group on signSGD)",
+        RUN_COLUMNS + [["delta_ppl", "Δ val ppl vs base"]], rows, setting=_setting(p, s.seeds),
+        cases=window_cases(results),
+        runs={n: [{k: v for k, v in r.items() if k != "curve"} for r in rs] for n, rs in results.items()})}
 
 
 @paper.stage("frontier")
@@ -347,7 +284,7 @@ def frontier(ctx: StageContext) -> dict:
     return {"frontier.json": result_table(
         "Table (d) — iso-memory frontier: validation perplexity vs measured optimizer-state bytes",
         [["run", "run"], ["optimizer", "optimizer"], ["knob", "ρ / rank"], ["state_mb", "state MB (measured)"],
-         ["val_ppl", "final val ppl"], ["sec_per_step", "s / step"]], rows, setting=_setting(p, [seed]),
+         ["val_ppl", "final val ppl"]], rows, setting=_setting(p, [seed]), cases=window_cases(results),
         plot={"x": "state_mb", "y": "val_ppl", "series": "optimizer", "xlabel": "optimizer state (MB, measured)",
               "ylabel": "final validation perplexity"},
         notes=["No paper in the family reports this on identical data, init and seeds; one seed per point."])}
@@ -378,12 +315,12 @@ def memory(ctx: StageContext) -> dict:
                 prm.grad = torch.randn(prm.shape, generator=g) * 1e-3
             t0 = time.perf_counter()
             opt.step()
-            sec = time.perf_counter() - t0
+            ctx.timing(f"first_step_seconds/{shape}/{name}", time.perf_counter() - t0)
             measured, analytic = state_bytes(opt, groups), analytic_state_bytes(run.optimizer, model, **params)
             row = {"shape": shape, "run": name, "params_m": sum(t.numel() for t in model.parameters()) / 1e6,
                    "weights_mb": weights / 1e6, "state_mb": measured["total"] / 1e6,
                    "analytic_state_mb": analytic["total"] / 1e6, "state_linear_mb": measured["linear"] / 1e6,
-                   "rank": params.get("rank"), "step_seconds": sec}
+                   "rank": params.get("rank")}
             rows.append(row)
             ctx.cell(f"{shape}/{name}", {k: v for k, v in row.items() if isinstance(v, float)}, {"shape": shape})
             print(f"{shape} {name}: state {row['state_mb']:.1f} MB (formula {row['analytic_state_mb']:.1f})",
@@ -392,16 +329,11 @@ def memory(ctx: StageContext) -> dict:
             for prm in model.parameters():
                 prm.grad = None
         del model
-    worst = max(abs(r["state_mb"] - r["analytic_state_mb"]) / r["analytic_state_mb"] for r in rows if r["analytic_state_mb"])
     return {"memory.json": result_table(
         "Table (b) — optimizer-state bytes at the paper's shapes (one step, synthetic gradients, fp32)",
         [["shape", "shape"], ["run", "optimizer run"], ["rank", "GaLore rank"], ["params_m", "params (M)"],
          ["weights_mb", "fp32 weights MB"], ["state_mb", "state MB (measured)"], ["analytic_state_mb", "formula MB"],
-         ["state_linear_mb", "Linear-only state MB"], ["step_seconds", "first step s"]], rows,
-        [claim("state_bytes_formula_paper_shapes", f"measured = formula at {', '.join(m.shapes)} (max rel. diff "
-               f"{worst:.1e})", strong=worst < 1e-3,
-               note="GaLore Table 2's memory column is an estimate with an unverified convention (BF16 weights + "
-                    "states); we compare measured bytes with our own formula, fp32")],
+         ["state_linear_mb", "Linear-only state MB"]], rows,
         setting=f"GaLore's 60M/130M/350M configs (vocab {m.vocab_size}, untied head) built on CPU, one step of each "
                 "optimizer on N(0, 1e-6) gradients (GaLore's SVD included); MB = 10^6 bytes")}
 
@@ -424,7 +356,8 @@ def figures(ctx: StageContext) -> dict:
         toy_rows.append({"rank": r, "stale": stale[0], "stale_sd": stale[1], "reprojected": proper[0],
                          "reprojected_sd": proper[1], "reprojected_lower": sum(x["reprojected"] < x["stale"] for x in rs),
                          "repeats": len(rs)})
-    toy_ok = all(r["reprojected_lower"] == r["repeats"] for r in toy_rows)
+    toy_cases = [{"label": kind, "rank": x["rank"], "task": f"toy r={x['rank']}", "length": None, "protocol": None,
+                  "case": x["repeat"], "final_loss": x[kind]} for x in toy for kind in ("stale", "reprojected")]
     # Figure 2: subspaces of one Linear gradient along an AdamW run of the tiny model
     vocab, train_windows, _ = _data(ctx)
     t = p.train
@@ -449,26 +382,21 @@ def figures(ctx: StageContext) -> dict:
         cos_rows.append({"pair": f"steps {ref} & {step}", "above": int((c > COSINE_THRESHOLD).sum()),
                          "mean_cosine": float(c.mean()), "rank": f.cos_rank})
     n = grads[ref].shape[0]
+    # the null: mean principal cosine of independent random rank-r subspaces (2 × random_pairs draws)
+    null = [float(principal_cosines(random_semiorthogonal(n, f.cos_rank, 2 * i),
+                                    random_semiorthogonal(n, f.cos_rank, 2 * i + 1)).mean())
+            for i in range(f.random_pairs)]
     c = principal_cosines(random_semiorthogonal(n, f.cos_rank, 0), random_semiorthogonal(n, f.cos_rank, 1))
     cos_rows.append({"pair": "random semi-orthogonal", "above": int((c > COSINE_THRESHOLD).sum()),
                      "mean_cosine": float(c.mean()), "rank": f.cos_rank})
-    rnd = cos_rows[-1]["above"]
-    revisit = all(r["above"] > rnd for r in cos_rows[:-1])
     return {"figures.json": result_table(
         "Table (c) — figure checks: Appendix C toy (final loss) and Figure 2 (principal cosines > 0.87)",
         [["rank", "toy rank"], ["stale", "stale momentum"], ["reprojected", "re-projected"],
          ["reprojected_lower", "re-projected lower (repeats)"]], toy_rows,
-        [claim("reprojection_toy", "; ".join(f"rank {r['rank']}: {r['stale']:.3f} → {r['reprojected']:.3f} "
-                                             f"({r['reprojected_lower']}/{r['repeats']} repeats lower)"
-                                             for r in toy_rows),
-               strong=toy_ok, note="W ∈ R^{10×10}, D = I, batch 2, T 10, lr 0.1, β 0.9, 200 steps; paired batches"),
-         claim("galore_revisits_subspace", "; ".join(f"{r['pair']}: {r['above']}/{r['rank']}" for r in cos_rows),
-               strong=revisit, note=f"{f.cos_layer} of the tiny model along AdamW, rank {f.cos_rank}; rule: every "
-                                    "step pair keeps more cosines > 0.87 than a random pair")],
         setting=f"toy: seed {f.toy_seed}, {f.toy_repeats} repeats; cosines: {f.cos_layer}, steps {f.cos_steps}",
         notes=[f"Figure 2 analogue, {r['pair']}: {r['above']}/{r['rank']} principal cosines > {COSINE_THRESHOLD} "
                f"(mean cosine {r['mean_cosine']:.2f})" for r in cos_rows],
-        cosines=cos_rows)}
+        cosines=cos_rows, toy_cases=toy_cases, random_mean_cosines=null)}
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class PretrainModule(L.LightningModule):
         self.lrs: list[float] = []
         self.step_seconds: list[float] = []
         self.curve: list[dict] = []
+        self.final_window_losses: list[float] = []     # per validation window, at the last evaluation
         self._t0 = 0.0
 
     # ---- optimisation -------------------------------------------------------------------------------------------
@@ -115,29 +116,34 @@ class PretrainModule(L.LightningModule):
     # ---- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """``{"val_loss", "val_ppl"}``: mean next-token cross-entropy over every predicted token of the held-out
-        windows (all of them, on every rank) and its exp."""
+        """``{"val_loss", "val_ppl", "per_window"}``: mean next-token cross-entropy over every predicted token of the
+        held-out windows (all of them, on every rank), its exp, and each window's own mean loss (the cases of the
+        paired claims)."""
         if self.val_windows is None:
             raise ValueError("no val_windows were given")
         was_training = self.model.training
         self.model.eval()
         ctx = self._trainer.precision_plugin.forward_context() if self._trainer is not None else _nullcontext()
-        total, count = 0.0, 0
+        total, count, per_window = 0.0, 0, []
         with ctx:
             for chunk in self.val_windows.split(self.val_batch_size):
                 chunk = chunk.to(self.device)
                 logits = self.model(input_ids=chunk).logits[:, :-1]
                 targets = chunk[:, 1:]
-                total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+                nll = nll.view(targets.shape)
+                total += nll.sum().item()
                 count += targets.numel()
+                per_window += nll.mean(1).tolist()
         self.model.train(was_training)
         val_loss = total / count
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "per_window": per_window}
 
     def _record_validation(self) -> None:
         if self.val_windows is None or (self.curve and self.curve[-1]["step"] == self.global_step):
             return
         point = {"step": int(self.global_step), **self.evaluate()}
+        self.final_window_losses = point.pop("per_window")
         self.curve.append(point)
         if self.logger is not None:
             self.logger.log_metrics({"val_loss": point["val_loss"], "val_ppl": point["val_ppl"]}, step=point["step"])

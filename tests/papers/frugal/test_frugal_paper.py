@@ -1,11 +1,12 @@
-"""FRUGAL paper folder: the figure checks' math, the verdict rules, params validation (the optimizers and the
+"""FRUGAL paper folder: the figure checks' math, the per-window cases and the subspace claim, params validation (the optimizers and the
 harness are tested in tests/pretrain/)."""
 import pytest
 import torch
 
 from papers.frugal.module import (appendix_c_toy, galore_sgdm_toy, left_subspace, principal_cosines,
                                   random_semiorthogonal)
-from papers.frugal.stages import bytes_claim, paired_claim, paper
+from papers.frugal.claims import revisits_subspace
+from papers.frugal.stages import paper, window_cases
 
 
 def test_principal_cosines_of_a_subspace_with_itself_are_one_and_of_orthogonal_ones_zero():
@@ -44,23 +45,25 @@ def test_appendix_c_reprojection_ends_lower():
     assert all(r["reprojected"] < r["stale"] for r in rows)
 
 
-def _runs(a, b):
-    return {"x": [{"seed": s, "final_val_ppl": v} for s, v in enumerate(a)],
-            "y": [{"seed": s, "final_val_ppl": v} for s, v in enumerate(b)]}
+def test_window_cases_are_one_row_per_run_seed_and_window():
+    res = {"x": [{"seed": s, "val_window_loss": [1.0 + s, 2.0 + s]} for s in range(3)]}
+    cases = window_cases(res)
+    assert len(cases) == 6 and {(c["seed"], c["case"]) for c in cases} == {(s, i) for s in range(3) for i in (0, 1)}
+    assert all(c["label"] == "x" and c["val_loss"] == 1.0 + c["seed"] + c["case"] for c in cases)
 
 
-def test_paired_claim_rule():
-    assert paired_claim("c", _runs([10, 11, 12], [20, 21, 23]), "x", "y", "ppl", "")["verdict"] == "reproduced"
-    assert paired_claim("c", _runs([20, 21, 23], [10, 11, 12]), "x", "y", "ppl", "")["verdict"] == "not reproduced"
-    mixed = paired_claim("c", _runs([10, 22, 12], [11, 21, 13]), "x", "y", "ppl", "")
-    assert mixed["verdict"] == "inconclusive" and "inconclusive at n = 3" in mixed["ours"]
-    assert paired_claim("c", _runs([10], [20]), "x", "y", "ppl", "")["verdict"] == "inconclusive"
-
-
-def test_bytes_claim_rule():
-    ok = [{"run": "a", "state_mb": 10.0, "analytic_state_mb": 10.0}]
-    assert bytes_claim(ok)["verdict"] == "reproduced"
-    assert bytes_claim([{"run": "a", "state_mb": 11.0, "analytic_state_mb": 10.0}])["verdict"] == "not reproduced"
+def test_subspace_claim_against_random_pairs():
+    fig = {"random_mean_cosines": [0.2 + 0.001 * i for i in range(99)],
+           "cosines": [{"pair": "steps 20 & 25", "mean_cosine": 0.9}, {"pair": "steps 20 & 80", "mean_cosine": 0.8},
+                       {"pair": "random semi-orthogonal", "mean_cosine": 0.25}]}
+    assert revisits_subspace({"figures.json": fig}, None)["verdict"] == "reproduced"
+    fig["cosines"][1]["mean_cosine"] = 0.25              # inside the random bulk
+    assert revisits_subspace({"figures.json": fig}, None)["verdict"] == "inconclusive"
+    fig["cosines"][0]["mean_cosine"] = 0.21
+    assert revisits_subspace({"figures.json": fig}, None)["verdict"] == "not reproduced"
+    fig["random_mean_cosines"] = fig["random_mean_cosines"][:5]
+    with pytest.raises(ValueError, match="19 random pairs"):
+        revisits_subspace({"figures.json": fig}, None)
 
 
 def test_params_validate_and_name_unknown_runs(tmp_path):
@@ -82,18 +85,3 @@ def test_params_validate_and_name_unknown_runs(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="runs.adamw.optimizer"):
         paper.load_params(bad)
-
-
-def test_logits_claim_rule_pairs_every_other_group_with_logits():
-    from papers.frugal.stages import logits_claim
-
-    def runs(vals):
-        return [{"seed": s, "final_val_ppl": v} for s, v in enumerate(vals)]
-
-    label = {"embeddings": "E", "norms": "N", "logits": "L"}
-    res = {"E": runs([10, 11, 12]), "N": runs([10.5, 11.5, 12.5]), "L": runs([20, 21, 23])}
-    assert logits_claim(res, label, {"embeddings": 0, "norms": 0, "logits": 10}, 3)["verdict"] == "reproduced"
-    res["N"] = runs([30, 31, 33])                       # norms hurt more than logits in every seed
-    assert logits_claim(res, label, {}, 3)["verdict"] == "not reproduced"
-    res["N"] = runs([19, 22, 22])                       # mixed: inconclusive
-    assert logits_claim(res, label, {}, 3)["verdict"] == "inconclusive"
