@@ -128,9 +128,21 @@ class Rule(_Model):
 
 
 class Revision(_Model):
+    """An earlier rule of a claim: as data (``rule``: judged again on the current data) or, for a rule that lived in
+    stage code, its recorded ``verdict`` and ``text`` on the data of its time."""
     commit: str
     reason: str
-    rule: Rule
+    rule: Rule | None = None
+    verdict: str | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _either(self):
+        if (self.rule is None) == (self.verdict is None):
+            raise ValueError(f"revision @{self.commit}: give its `rule` (data) or its recorded `verdict`")
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise ValueError(f"revision @{self.commit}: verdict {self.verdict!r} not in {VERDICTS}")
+        return self
 
 
 class Claim(_Model):
@@ -472,8 +484,10 @@ def judge_claim(claim: Claim, results: dict[str, dict]) -> dict:
     else:
         got = judge_rule(claim.rule, _rows_of(results, claim.rule.file, claim.rule.rows))
     got["earlier"] = [{"commit": r.commit, "reason": r.reason,
-                       **{k: v for k, v in judge_rule(r.rule, _rows_of(results, r.rule.file, r.rule.rows)).items()
-                          if k in ("verdict", "label", "text")}} for r in claim.revised]
+                       **({k: v for k, v in judge_rule(r.rule, _rows_of(results, r.rule.file, r.rule.rows)).items()
+                           if k in ("verdict", "label", "text")} if r.rule is not None else
+                          {"verdict": r.verdict, "label": f"{r.verdict} (recorded)", "text": r.text or ""})}
+                      for r in claim.revised]
     return got
 
 

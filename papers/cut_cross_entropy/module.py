@@ -160,6 +160,16 @@ class CausalLMFineTune(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
+    @torch.no_grad()
+    def evaluate_windows(self, batches: Iterable[dict]) -> list[float]:
+        """Each held-out sequence's own mean loss (one value per row of every batch): the cases of the paired
+        convergence claim."""
+        out = []
+        for b in batches:
+            for i in range(b["labels"].shape[0]):
+                out.append(self.evaluate([{k: v[i:i + 1] for k, v in b.items()}]))
+        return out
+
     def evaluate(self, batches: Iterable[dict]) -> float:
         """Token-weighted mean loss over ``batches`` (each batch's mean weighted by its scored tokens)."""
         was_training = self.model.training

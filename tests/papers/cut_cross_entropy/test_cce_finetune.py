@@ -8,7 +8,7 @@ import yaml
 from papers.cut_cross_entropy.memory import analytic_loss_memory, measure_loss_memory
 from papers.cut_cross_entropy.module import (CausalLMFineTune, fine_tune, freeze_all_but_last, frozen_prefix_hidden,
                                              trainable_suffix)
-from papers.cut_cross_entropy.stages import _convergence_claims, moving_average, paper
+from papers.cut_cross_entropy.stages import moving_average, paper
 from shared.io import read_yaml
 from shared.paths import PAPERS_DIR
 
@@ -167,29 +167,30 @@ def test_params_validate_and_reject_bad_values(tmp_path):
             paper.load_params(bad)
 
 
-def _cmp(diff=0.0, low=-1e-4, high=1e-4, ma=1e-4, val=1e-4):
-    return {"paired": {"diff": diff, "low": low, "high": high, "n": 60}, "max_ma10_gap": ma, "val_rel_diff": val,
-            "val_after_ours": 3.0, "val_after_baseline": 3.0}
+def test_per_window_validation_losses_weighted_give_the_batch_loss(tiny_lm, batch):
+    from papers.cut_cross_entropy.module import CausalLMFineTune
+
+    m = CausalLMFineTune(tiny_lm, impl="torch")
+    per = m.evaluate_windows([batch])
+    counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    assert len(per) == 2 and counts[0] < counts[1]
+    weighted = sum(x * c for x, c in zip(per, counts)) / sum(counts)   # each window's mean, weighted by its tokens
+    assert weighted == pytest.approx(m.evaluate([batch]), rel=1e-6)
 
 
-def test_convergence_verdict_rule():
-    def verdict(**cmps):
-        return _convergence_claims({"comparisons": cmps}, "torch_chunked")[0]["verdict"]
+def test_kernel_claims_are_untestable_without_a_gpu_run(tmp_path, monkeypatch):
+    import papers.cut_cross_entropy.claims as cl
 
-    exact = _cmp()
-    assert verdict(torch_chunked=exact, **{"torch_chunked+filter": _cmp(diff=2e-3, low=1e-3, high=3e-3)}) \
-        == "reproduced"                                 # a real but tiny shift is still inside ±0.01 nats
-    assert verdict(torch_chunked=exact) == "partially reproduced"       # filtering not run
-    # the whole interval beyond the ±0.01 margin, or a point criterion failing: the curves differ
-    for bad in (_cmp(diff=-0.03, low=-0.04, high=-0.02), _cmp(diff=0.02, low=0.011, high=0.03), _cmp(ma=0.06),
-                _cmp(val=0.02)):
-        assert verdict(torch_chunked=exact, **{"torch_chunked+filter": bad}) == "not reproduced"
-    assert verdict(torch_chunked=_cmp(diff=0.3, low=0.1, high=0.5), **{"torch_chunked+filter": exact}) \
-        == "not reproduced"
-    # an interval straddling the margin is neither equivalence nor a difference: inconclusive at this n
-    for straddle in (_cmp(diff=-0.007, low=-0.0108, high=-0.0032), _cmp(high=0.011)):
-        assert verdict(torch_chunked=exact, **{"torch_chunked+filter": straddle}) == "partially reproduced"
-        assert verdict(torch_chunked=straddle, **{"torch_chunked+filter": straddle}) == "inconclusive"
+    rows = [{"shape": "gemma (real)", "n": 1024, "v": 10, "method": "torch", "fw_peak_mb": 8.0, "fwbw_peak_mb": 9.0,
+             "paper_fw_mb": 7.0, "paper_fwbw_mb": 8.0},
+            {"shape": "tiny", "n": 64, "method": "triton", "fw_peak_mb": 0.001}]
+    monkeypatch.setattr(cl, "REPORTS_DIR", tmp_path)
+    got = cl._untestable_without_gpu({"memory.json": {"rows": rows}}, "fw")
+    assert got["verdict"] == "untestable here" and "N=1024" in got["text"] and "needs a GPU" in got["text"]
+    (tmp_path / cl.BENCH).write_text("{}")
+    monkeypatch.setattr(cl, "_gpu_bench", lambda reports_dir=tmp_path: {})
+    with pytest.raises(NotImplementedError):
+        cl.kernel_speed({"memory.json": {"rows": rows}}, None)
 
 
 def test_filtered_fine_tuning_passes_the_filter_to_the_loss(tiny_lm, batch):
