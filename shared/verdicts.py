@@ -156,15 +156,9 @@ class Claim(_Model):
 
     @model_validator(mode="after")
     def _one(self):
-        if self.rule is not None and self.fn is not None:
-            raise ValueError(f"claim {self.id}: give one of `rule` (data) or `fn` (module:function), not both")
+        if (self.rule is None) == (self.fn is None):
+            raise ValueError(f"claim {self.id}: give exactly one of `rule` (data) or `fn` (module:function)")
         return self
-
-    @property
-    def legacy(self) -> bool:
-        """No rule as data yet: the verdict still comes from the stage code's result file (papers not yet moved
-        onto the engine); the report marks it."""
-        return self.rule is None and self.fn is None
 
 
 class Check(_Model):
@@ -470,11 +464,6 @@ def _rows_of(results: dict[str, dict], file: str, key: str) -> list[dict]:
 
 
 def judge_claim(claim: Claim, results: dict[str, dict]) -> dict:
-    if claim.legacy:
-        got = next((c for r in results.values() for c in r.get("claims", []) if c.get("id") == claim.id), None)
-        v = (got or {}).get("verdict", "not run")
-        return {"verdict": v, "label": v + " (rule in stage code)", "text": (got or {}).get("ours", "not run"),
-                "earlier": [], "legacy": True}
     if claim.fn is not None:
         mod, _, name = claim.fn.partition(":")
         out = getattr(importlib.import_module(mod), name)(results, claim)
@@ -584,9 +573,6 @@ def provenance(folder: Path, claims: list[Claim]) -> dict[str, dict]:
         if past and since == "uncommitted" and past[0][1].get(c.id) == h:
             since = past[0][0]
         files = [c.rule.file] if c.rule else []
-        if c.legacy:
-            out[c.id] = {"rule_commit": "stage code", "data_commit": None, "revised_after_results": False}
-            continue
         data = None
         for f in files:
             path = f"{rel}/results/{f}"

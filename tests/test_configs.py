@@ -5,7 +5,7 @@ import pytest
 
 from shared.io import read_yaml
 from shared.paths import PAPERS_DIR
-from shared.reports import VERDICTS
+from shared.verdicts import VERDICTS, load_paper
 
 PAPERS = sorted(p.parent.name for p in PAPERS_DIR.glob("*/paper.yaml"))
 
@@ -83,7 +83,14 @@ def test_cskv_params_validation_names_key_value_and_rule(tmp_path, path, value, 
 
 
 def test_verdict_vocabulary_is_closed():
-    assert "reproduced" in VERDICTS and "pending" in VERDICTS
+    assert VERDICTS == ("reproduced", "partially reproduced", "not reproduced", "inconclusive", "untestable here")
+
+
+@pytest.mark.parametrize("paper_id", PAPERS)
+def test_every_claim_carries_its_rule_as_data(paper_id):
+    _, claims, checks = load_paper(PAPERS_DIR / paper_id)
+    assert claims and all(c.rule is not None or c.fn for c in claims)
+    assert all(c.rule.file.endswith(".json") for c in claims if c.rule)
 
 
 def test_matryoshka_params_validate():
@@ -108,41 +115,36 @@ def test_matryoshka_params_reject_bad_values(tmp_path, path, value, match):
         _paper("matryoshka_kv").load_params(f)
 
 
-def test_matryoshka_verdict_rules():
-    from papers.matryoshka_kv.stages import choice_claims, lm_claims
+def test_matryoshka_rules_in_paper_yaml_judge_constructed_results():
+    """MatryoshkaKV's claims as written in its paper.yaml, judged on constructed result files."""
+    from shared.verdicts import judge_claim
 
-    rows = [{"method": "full", "budget": 1.0, "ppl": 10.0, "kl": 0.0},
-            {"method": "pca_uniform", "budget": 1.0, "ppl": 10.0, "kl": 1e-8},
-            {"method": "pca_uniform", "budget": 0.5, "ppl": 25.0, "kl": 1.0},
-            {"method": "mkv_uniform", "budget": 0.5, "ppl": 12.0, "kl": 0.3},
-            {"method": "mkv_uniform", "budget": 0.375, "ppl": 14.0, "kl": 0.5},
-            {"method": "mkv_searched", "budget": 0.375, "ppl": 13.0, "kl": 0.4}]
+    _, claims, _ = load_paper(PAPERS_DIR / "matryoshka_kv")
+    by = {c.id: c for c in claims}
 
-    def cases(label, budget, kls, seeds=(None,), shift=0.0):
+    def cases(label, budget, nll, kls, seeds=(None,), shift=0.0):
         return [{"label": label, "budget": budget, "seed": sd, "task": "lm", "length": 8, "protocol": None,
-                 "case": i, "correct": False, "kl": k + shift * j, "answer_nll": k, "top1": 1.0}
-                for j, sd in enumerate(seeds) for i, k in enumerate(kls)]
+                 "case": i, "correct": False, "kl": k + shift * j, "answer_nll": n + k, "top1": 1.0}
+                for j, sd in enumerate(seeds) for i, (n, k) in enumerate(zip(nll, kls))]
 
     base = [1.0, 1.1, 0.9, 1.05, 0.95, 1.2, 0.8, 1.0]
-    lm = (cases("pca_uniform", 0.5, base) + cases("mkv_uniform", 0.5, [k * 0.3 for k in base], (0, 1, 2), 0.01)
-          + cases("mkv_uniform", 0.375, [k * 0.5 for k in base], (0, 1, 2))
-          + cases("mkv_searched", 0.375, [k * 0.4 for k in base], (0, 1, 2)))
-    got = {c["id"]: c["verdict"] for c in lm_claims(rows, lm)}
-    assert got == {"exact_full_rank": "reproduced", "pca_collapse": "reproduced", "mkv_beats_pca": "reproduced",
-                   "search_gain": "reproduced"}
-    # one seed whose searched ranks are worse than uniform: the gain is no longer a verdict
-    flip = [dict(c, kl=c["kl"] * 2, answer_nll=c["answer_nll"] * 2) if c["label"] == "mkv_searched" and c["seed"] == 2
-            else c for c in lm]
-    assert {c["id"]: c["verdict"] for c in lm_claims(rows, flip)}["search_gain"] == "inconclusive"
+    lm = (cases("full", 1.0, base, [0.0] * 8) + cases("pca_uniform", 0.5, base, [k * 1.5 for k in base])
+          + cases("pca_uniform", 0.375, base, [k * 2 for k in base])
+          + cases("mkv_uniform", 0.5, base, [k * 0.3 for k in base], (0, 1, 2), 0.01)
+          + cases("mkv_uniform", 0.375, base, [k * 0.5 for k in base], (0, 1, 2)))
+    results = {"lm.json": {"cases": lm}}
+    assert judge_claim(by["pca_collapse"], results)["verdict"] == "reproduced"       # NLL up by > ln 2 per seq
+    assert judge_claim(by["mkv_beats_pca"], results)["verdict"] == "reproduced"
 
     def choice(label, budget, correct, seed=None):
         return [{"label": label, "budget": budget, "seed": seed, "task": "choice", "length": None, "protocol": None,
-                 "case": i, "correct": c, "kl": 0.0, "answer_nll": 0.0, "top1": 0.0} for i, c in enumerate(correct)]
+                 "case": i, "correct": float(c), "kl": 0.0, "answer_nll": 0.0, "top1": 0.0}
+                for i, c in enumerate(correct)]
 
-    mc = [{"method": "full", "budget": 1.0, "acc_norm": 0.5, "n": 50},
-          {"method": "mkv_searched", "budget": 0.375, "acc_norm": 0.1, "n": 50}]
     full = [i % 2 == 0 for i in range(50)]
     worse = choice("mkv_searched", 0.375, [c and i % 10 == 0 for i, c in enumerate(full)], seed=0)
-    assert choice_claims(mc, choice("full", 1.0, full) + worse)[0]["verdict"] == "not reproduced"
+    got = judge_claim(by["mkv_holds_375"], {"choice.json": {"cases": choice("full", 1.0, full) + worse}})
+    assert got["verdict"] == "not reproduced"
     same = choice("mkv_searched", 0.375, full, seed=0)
-    assert choice_claims(mc, choice("full", 1.0, full) + same)[0]["verdict"] == "reproduced"
+    got = judge_claim(by["mkv_holds_375"], {"choice.json": {"cases": choice("full", 1.0, full) + same}})
+    assert got["verdict"] == "inconclusive"      # identical on 50 items: exact bounds ±0.07 > margin 0.1 × 0.5

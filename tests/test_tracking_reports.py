@@ -28,36 +28,65 @@ def test_tracking_round_trip_into_temporary_store(tmp_path, monkeypatch):
     assert child.data.metrics["accuracy"] == 0.5
 
 
-def test_report_renders_claims_tables_and_plot(tmp_path):
+def _demo_paper(tmp_path, diffs=(0.5, 0.4, 0.6, 0.45, 0.55, 0.5, 0.42, 0.58)):
     papers, out = tmp_path / "papers", tmp_path / "reports"
     (papers / "demo" / "results").mkdir(parents=True)
+    rule = {"file": "t1.json", "unit": "case", "metric": "kl", "expect": "less",
+            "compare": [{"name": "a vs b", "a": {"label": "a"}, "b": {"label": "b"}}]}
     (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({
-        "title": "Demo paper", "claims": [{"id": "c1", "table": "Table 1", "claim": "it works", "paper": "0.9"},
-                                          {"id": "c2", "table": "Table 2", "claim": "unrun", "paper": "1.0"}]}))
+        "title": "Demo paper",
+        "claims": [{"id": "c1", "table": "Table 1", "claim": "a beats b", "paper": "0.9", "rule": rule}],
+        "checks": [{"id": "k1", "what": "kl is non-negative", "file": "t1.json", "rows": "cases", "field": "kl",
+                    "op": ">=", "value": 0.0}]}))
+    cases = [{"label": m, "task": "t", "length": 1, "protocol": None, "case": i, "kl": (1.0 if m == "b" else 1.0 - d)}
+             for m in ("a", "b") for i, d in enumerate(diffs)]
     (papers / "demo" / "results" / "t1.json").write_text(json.dumps({
-        "title": "T1", "columns": [["m", "method"], ["x", "x"], ["acc", "acc"]],
-        "rows": [{"m": "a", "x": 1, "acc": 0.5}, {"m": "a", "x": 2, "acc": 0.75}],
-        "claims": [{"id": "c1", "ours": "0.75", "verdict": "partially reproduced", "note": "small model"}],
-        "plot": {"x": "x", "y": "acc", "series": "m"}, "notes": ["a note"]}))
+        "title": "T1", "columns": [["m", "method"], ["x", "x"], ["acc", "acc"], ["ci95", "CI"]],
+        "rows": [{"m": "a", "x": 1, "acc": 0.5, "ci95": [0.3, 0.7]}, {"m": "a", "x": 2, "acc": 0.75,
+                                                                       "ci95": [0.5, 0.9]},
+                 {"m": "full", "x": None, "acc": 0.9}],
+        "cases": cases, "plot": {"x": "x", "y": "acc", "series": "m"}, "notes": ["a note"]}))
+    return papers, out
+
+
+def test_report_renders_claims_from_rules_checks_verdicts_and_plot(tmp_path):
+    papers, out = _demo_paper(tmp_path)
     path = reports.render("demo", papers_dir=papers, reports_dir=out)
     text = path.read_text()
-    assert "| it works | Table 1 | 0.9 | 0.75 | partially reproduced | small model |" in text
-    assert "| unrun | Table 2 | 1.0 | not run | pending |" in text
+    assert "| a beats b | Table 1 | 0.9 | a vs b: kl 0.5 vs 1 (Δ -0.5; exact sign-flip, p = 0.0078; n = 8 cases) " \
+           "| reproduced | a vs b: kl lower for A; paired over cases of `t1.json`" in text
+    assert "| kl is non-negative | 16/16 rows satisfy kl >= 0; min 0.4 | pass |" in text
     assert "| a | 1 | 0.5 |" in text and "- a note" in text
     assert (out / "demo" / "t1.png").stat().st_size > 1000
+    stored = json.loads((out / "demo" / "verdicts.json").read_text())
+    assert stored["claims"]["c1"]["verdict"] == "reproduced" and stored["checks"]["k1"]["passed"]
 
 
-def test_report_rejects_unknown_verdict_and_missing_results(tmp_path):
+def test_recheck_agrees_with_the_report_and_catches_a_changed_result(tmp_path):
+    from shared.verdicts import recheck
+
+    papers, out = _demo_paper(tmp_path)
+    reports.render("demo", papers_dir=papers, reports_dir=out)
+    assert recheck(papers / "demo", out) == []
+    path = papers / "demo" / "results" / "t1.json"
+    data = json.loads(path.read_text())
+    for c in data["cases"]:
+        if c["label"] == "a":
+            c["kl"] = 2.0                                  # a result edited after the report: the verdict flips
+    path.write_text(json.dumps(data))
+    diffs = recheck(papers / "demo", out)
+    assert any(d.startswith("claim c1") and "'verdict': 'not reproduced'" in d for d in diffs)
+
+
+def test_report_needs_results_and_rules(tmp_path):
     papers = tmp_path / "papers"
     (papers / "demo" / "results").mkdir(parents=True)
     (papers / "demo" / "paper.yaml").write_text(yaml.safe_dump({"title": "D", "claims": [
         {"id": "c1", "table": "T", "claim": "c", "paper": "1"}]}))
-    with pytest.raises(FileNotFoundError, match="no result files"):
+    with pytest.raises(ValueError, match="exactly one of `rule`"):
         reports.render("demo", papers_dir=papers, reports_dir=tmp_path)
-    (papers / "demo" / "results" / "t.json").write_text(json.dumps({
-        "title": "T", "columns": [["a", "a"]], "rows": [], "claims": [{"id": "c1", "ours": "x", "verdict": "great"}]}))
-    with pytest.raises(ValueError, match="verdict must be one of"):
-        reports.render("demo", papers_dir=papers, reports_dir=tmp_path)
+    with pytest.raises(ValueError, match="claims are rules"):
+        reports.result_table("T", [["a", "a"]], [], claims=[{"id": "c1"}])
 
 
 def test_markdown_table_needs_columns():
