@@ -223,12 +223,15 @@ def root_readme_block(papers_dir: Path = PAPERS_DIR, reports_dir: Path = REPORTS
         paper, claims, checks = load_paper(folder)
         got = _verdicts(folder.name, reports_dir)
         counts = {v: sum(got["claims"][c.id]["verdict"] == v for c in claims) for v in VERDICTS}
-        rows.append({"paper": paper["title"], "claims": len(claims),
-                     "verdicts": ", ".join(f"{n} {v}" for v, n in counts.items() if n),
-                     "checks": f"{sum(x['passed'] for x in got.get('checks', {}).values())}/{len(checks)} pass",
+        head = next((c for c in claims if c.headline), claims[0])
+        rows.append({"paper": paper["title"], "claim": head.claim, "number": head.paper,
+                     "ours": got["claims"][head.id]["text"], "verdict": got["claims"][head.id]["label"],
+                     "all": f"{len(claims)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+                            + f"; checks {sum(x['passed'] for x in got.get('checks', {}).values())}/{len(checks)} pass",
                      "report": f"[report](reports/{folder.name}.md) · [paper folder](papers/{folder.name}/README.md)"})
-    table = markdown_table(rows, [("paper", "paper"), ("claims", "claims"), ("verdicts", "verdicts"),
-                                  ("checks", "checks of our code"), ("report", "report")])
+    table = markdown_table(rows, [("paper", "paper"), ("claim", "headline claim"), ("number", "paper's number"),
+                                  ("ours", "ours (embedded models, CPU)"), ("verdict", "verdict"),
+                                  ("all", "all claims"), ("report", "report")])
     return f"{BEGIN}\n{table}\n{END}"
 
 

@@ -152,6 +152,7 @@ class Claim(_Model):
     paper: str = ""
     rule: Rule | None = None
     fn: str | None = None          # "module:function": (results, claim) → {"verdict", "text"}; judged by the engine
+    headline: bool = False         # the claim the root README's table shows for this paper
     revised: list[Revision] = Field(default_factory=list)
 
     @model_validator(mode="after")
