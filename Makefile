@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # DVC stage commands call `python`: make it the project venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data repro test ui ui-check bench-gpu clean-results
+.PHONY: setup data repro test verify ui ui-check bench-gpu clean-results
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ repro: data
 
 test: data
 	$(BIN)/python -m pytest
+
+# Check the published numbers: fresh clone, cold `dvc repro papers/$(PAPER)`, every output hash vs the committed
+# dvc.lock ("reproduced byte for byte" or the outputs that differ). Takes as long as the paper's cold repro.
+verify: data
+	$(BIN)/python -m shared.verify $(PAPER)
 
 # MLflow 3 opens experiments on its GenAI page: the links printed first open each paper's runs table directly.
 ui: setup

@@ -58,6 +58,10 @@ def validation_error(err: ValidationError, source: str) -> ValueError:
             lines.append(f"{loc}: unknown parameter (value {e['input']!r}); remove it or fix its name")
         elif e["type"] == "missing":
             lines.append(f"{loc}: missing (required)")
+        elif not e["loc"]:                 # a cross-field rule: its message names the keys; no dump of the tree
+            lines.append(e["msg"].removeprefix("Value error, "))
+        elif isinstance(e["input"], (dict, list)) and len(repr(e["input"])) > 120:
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc} = {e['input']!r}: {e['msg']}")
     return ValueError(f"invalid params in {source}:\n  " + "\n  ".join(lines))

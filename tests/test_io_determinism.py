@@ -68,3 +68,24 @@ def test_timings_never_enter_result_files(tmp_path):
     assert written["r.json"].read_text() == '{\n  "value": 1\n}\n'
     timings = (tmp_path / "timings" / "s.json").read_text()
     assert '"seconds/x": 1.25' in timings and "stage_seconds" in timings
+
+
+def test_verify_compares_every_output_hash_of_the_locks(tmp_path):
+    from shared.verify import compare_locks, lock_outputs
+
+    for side, h in (("a", "111"), ("b", "222")):
+        root = tmp_path / side
+        (root / "papers" / "p").mkdir(parents=True)
+        (root / "papers" / "p" / "dvc.lock").write_text(
+            "schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: artifacts/x\n      md5: " + h +
+            "\n    - path: results/train.json\n      md5: aaa\n")
+        (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  papers/p:\n    outs:\n    - path: reports/p.md\n"
+                                       "      md5: rrr\n  papers/q:\n    outs:\n    - path: reports/q.md\n      md5: "
+                                       + h + "\n")
+    a, b = lock_outputs(tmp_path / "a", "p"), lock_outputs(tmp_path / "b", "p")
+    assert set(a) == {"train:artifacts/x", "train:results/train.json", "papers/p:reports/p.md"}
+    assert compare_locks(a, a) == []
+    assert compare_locks(a, b) == ["train:artifacts/x: committed 111 vs fresh 222"]
+    with pytest.raises(ValueError, match="no paper"):
+        from shared.verify import verify
+        verify("nope", repo=tmp_path / "a")
