@@ -120,3 +120,25 @@ def test_queued_sweep_runs_each_value(toy_repo):
     print(f"queue of 2 experiments, -j 2: {time.perf_counter() - t0:.1f} s\n{status}")
     assert status.count("Success") == 2, status
     assert {("count", "2"), ("count", "3")} <= set(_mlflow_params(repo))
+
+
+def test_a_params_typo_fails_before_any_output_is_touched_and_the_fix_reruns_nothing(toy_repo):
+    """Outputs are ``persist: true`` (DVC does not delete them before running the stage) and the runner validates
+    params before writing anything: a typo fails with the key and value, the outputs stay, and once the typo is fixed
+    the lock matches again, so nothing re-runs."""
+    repo, env = toy_repo
+    paper = repo / "papers" / "toy"
+    spec = yaml.safe_load((paper / "dvc.yaml").read_text())
+    spec["stages"]["count"]["outs"] = [{"results/count.json": {"cache": False, "persist": True}}]
+    (paper / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    _run([DVC, "repro", "papers/toy/dvc.yaml"], repo, env)
+    out = paper / "results" / "count.json"
+    before = out.read_bytes()
+    (paper / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "n": 0}))          # the typo: n must be ≥ 1
+    proc = subprocess.run([DVC, "repro", "papers/toy/dvc.yaml"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and "n = 0" in proc.stdout + proc.stderr
+    assert out.read_bytes() == before                                               # nothing lost
+    (paper / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "n": 4}))          # fixed
+    log = _run([DVC, "repro", "papers/toy/dvc.yaml"], repo, env)
+    assert "didn't change" in log and "Running stage" not in log and out.read_bytes() == before
