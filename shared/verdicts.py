@@ -406,9 +406,10 @@ def judge_rule(rule: Rule, rows: list[dict]) -> dict:
         else:
             label = f"inconclusive at n = {min(c['n'] for c in comps)}"
     supporting = []
-    for metric, expect in rule.also.items():
+    plain = rule.model_copy(update={"test": "superiority", "margin": 0.0, "margin_of": None})
+    for metric, expect in rule.also.items():      # supporting metrics: a plain two-sided superiority test each
         for c in rule.compare:
-            s = judge_comparison(rows, c, metric, expect, rule)
+            s = judge_comparison(rows, c, metric, expect, plain)
             s["claimed"] = expect
             supporting.append(s)
     text = " | ".join(describe(c) for c in comps)

@@ -377,9 +377,9 @@ ROW_COLUMNS = [["label", "method"], ["compression_ratio", "compression ratio"],
                ["bytes_ratio", "measured bytes / full"], ["accuracy", "acc"], ["ci95", "95% CI"], ["n", "n"],
                ["kl", "KL vs full"], ["kl_seed_range", "KL seed range"], ["top1", "top-1 agree"],
                ["answer_ppl", "answer ppl"]]
-ROW_NOTE = ("`n` counts case × training-seed evaluations for trained rows (pooled over `train.seeds`; the Wilson "
-            "interval treats them as independent, the seed range shows the seed-to-seed spread); verdicts use the "
-            "paired bootstrap over cases of the seed-mean per case.")
+ROW_NOTE = ("`n` counts cases; a trained row's accuracy is the mean over `train.seeds` of each case's outcome (Wilson "
+            "interval on that count), the seed range shows the seed-to-seed spread; the claims pair cases of the "
+            "seed-mean per case (rules in paper.yaml).")
 
 
 def _cells(ctx: StageContext, task: str, length: int, methods: dict, protocol: str, labels: dict,
