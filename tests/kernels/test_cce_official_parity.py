@@ -5,7 +5,7 @@ Reference: the official ``linear_cross_entropy(..., impl="torch_compile")`` — 
 ``@torch.compile`` decorators are applied when the package is imported, so the import below happens with
 ``TORCHDYNAMO_DISABLE=1`` set (only for that import, via ``monkeypatch``; a copy imported earlier without it is
 dropped from ``sys.modules`` first). Its Triton ``impl="cce"`` is compared too where it runs (a GPU); under
-``TRITON_INTERPRET=1`` it fails and those cases are skipped with the exception it raised.
+``TRITON_INTERPRET=1`` it fails with a known InterpreterError, expected by a strict xfail.
 
 API mapping (official -> ours): ``linear_cross_entropy(e, c, targets, ignore_index, softcap, reduction, shift,
 filter_eps, impl)`` -> ``linear_cross_entropy(e, c, targets, bias=None, ignore_index=, reduction=, shift=,
@@ -155,20 +155,20 @@ def test_official_filter_threshold_and_default_are_ours():
     assert resolve_filter_eps("auto", torch.bfloat16, "torch_chunked") is None  # torch paths: exact by default
 
 
-@requires_triton
-def test_official_cce_kernel_matches_ours(official):
-    """The official Triton kernel vs ours (bf16 e/c, as the official backward requires), filtered and sorted as the
-    official default. Runs on a GPU; under the Triton interpreter the official kernel raises and this is skipped."""
+def _official_kernel_case(official):
     e, c, tg = make_inputs("peaked")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     e, c, tg = e.to(dev, torch.bfloat16), c.to(dev, torch.bfloat16), tg.to(dev)
-    try:
-        ref = loss_and_grads(lambda e_, c_, t_: official(e_, c_, t_, shift=True, impl="cce"), e, c, tg, "mean")
-    except Exception as err:  # noqa: BLE001 - the skip reason is the official kernel's own error
-        if dev == "cpu":
-            pytest.skip(f"official impl='cce' fails under TRITON_INTERPRET=1: {type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:300] if str(err) else ''}")
-        raise
+    ref = loss_and_grads(lambda e_, c_, t_: official(e_, c_, t_, shift=True, impl="cce"), e, c, tg, "mean")
+    return e, c, tg, ref
+
+
+@requires_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the official CCE kernel needs a GPU (CPU: see the xfail)")
+def test_official_cce_kernel_matches_ours(official):
+    """The official Triton kernel vs ours (bf16 e/c, as the official backward requires), filtered and sorted as the
+    official default. Runs on a GPU."""
+    e, c, tg, ref = _official_kernel_case(official)
     ours = loss_and_grads(lambda e_, c_, t_: linear_cross_entropy(e_, c_, t_, shift=True, impl="triton",
                                                                   vocab_sort=True), e, c, tg, "mean")
     ex = loss_and_grads(lambda e_, c_, t_: linear_cross_entropy(e_.float(), c_.float(), t_, shift=True,
@@ -176,6 +176,30 @@ def test_official_cce_kernel_matches_ours(official):
     for a, b, x in zip(ours, ref, ex):  # both within bf16 rounding of the fp32 exact result
         tol = 4 * float((b.float() - x.float()).abs().max()) + 1e-2 * max(1.0, float(x.abs().max()))
         assert float((a.float() - x.float()).abs().max()) <= tol
+
+
+try:
+    from triton.runtime.interpreter import InterpreterError
+except ImportError:                                     # no triton: the test below is skipped by requires_triton
+    InterpreterError = RuntimeError
+
+
+class KnownInterpreterFailure(Exception):
+    """The official kernel's specific failure under the interpreter (any other exception fails the test)."""
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only expectation")
+@pytest.mark.xfail(strict=True, raises=KnownInterpreterFailure, reason="cut-cross-entropy 25.1.1's impl='cce' raises under TRITON_INTERPRET=1 "
+                                       "(InterpreterError: 'NoneType' object has no attribute 'dtype'); the day it "
+                                       "runs, this xfail fails and the CPU parity test above should be enabled")
+def test_official_cce_kernel_runs_under_the_interpreter(official):
+    try:
+        _official_kernel_case(official)
+    except InterpreterError as err:
+        if "has no attribute 'dtype'" in str(err):
+            raise KnownInterpreterFailure(str(err)[:300]) from err
+        raise
 
 
 if __name__ == "__main__":
