@@ -179,7 +179,7 @@ def test_official_cce_kernel_matches_ours(official):
 
 
 try:
-    from triton.runtime.interpreter import InterpreterError
+    from triton.runtime.errors import InterpreterError
 except ImportError:                                     # no triton: the test below is skipped by requires_triton
     InterpreterError = RuntimeError
 
