@@ -107,6 +107,19 @@ class StageContext:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def fresh_artifact_dir(self, name: str) -> Path:
+        """Empty ``artifacts/<name>/`` (created if needed). Trained outputs are ``persist: true`` in dvc.yaml, so DVC
+        leaves them alone until the stage body runs — after the params were validated: a params mistake never costs
+        a trained output. A body that writes a whole folder calls this first, so that files of an earlier setting do
+        not linger in it (the folder's hash must equal a fresh clone's)."""
+        import shutil
+
+        path = self.artifacts_dir / name
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
     def model(self, name: str | None = None):
         """(model, tokenizer, spec) of ``params.model`` (or ``name``), loaded once per stage."""
         from shared.models import load_model

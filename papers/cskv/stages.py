@@ -272,6 +272,7 @@ def train(ctx: StageContext) -> dict:
     stats = {"abs_mean": cal["abs_mean"], "gram": cal["gram"]}
     W = {k: projection_weights(model, k) for k in ("k", "v")}
     rows = []
+    ctx.fresh_artifact_dir("factors")
     for fs in needed_factor_sets(p):
         t0 = time.perf_counter()
         Wk = W[fs["kind"]]

@@ -186,6 +186,7 @@ def train(ctx: StageContext) -> dict:
     seqs = token_windows(corpus_ids(tok, "train"), t.n_sequences, t.seq_len, ctx.seed + 1)
     val = list(token_windows(corpus_ids(tok, "validation"), t.val_sequences, t.seq_len, ctx.seed + 2).split(1))
     rows = []
+    ctx.fresh_artifact_dir("mkv")
     for seed in t.seeds:                      # same data, another initialisation of the rank sampler / order
         proj = KVProjection.load(ctx.artifact(PCA)).requires_grad_(True)
         t0 = time.perf_counter()
@@ -218,6 +219,7 @@ def search(ctx: StageContext) -> dict:
     model, tok, spec = ctx.model()
     ids = token_windows(corpus_ids(tok, "train"), s.n_sequences, s.seq_len, ctx.seed + 3)
     rows, layer_rows, history = [], [], {}
+    ctx.fresh_artifact_dir("ranks")
     for seed in p.train.seeds:
         proj = KVProjection.load(ctx.artifact(trained_path(seed)))
         t0 = time.perf_counter()
