@@ -237,3 +237,24 @@ def test_verdicts_survive_another_thread_count(smollm):
         return out
 
     assert verdicts(a) == verdicts(b)
+
+
+def test_summary_counts_cases_not_case_times_seed():
+    from shared.kv_eval import summarize
+    from shared.metrics import wilson_interval
+
+    rows = []
+    for seed, outcomes in ((0, [1, 1, 0, 0]), (1, [1, 0, 0, 0]), (2, [1, 1, 1, 0])):
+        rows += [{"label": "m", "seed": seed, "task": "t", "length": 8, "protocol": "decode", "case": i,
+                  "correct": c, "kl": 0.1 * seed, "answer_nll": 0.0, "top1": 1.0, "bytes": 1, "full_bytes": 2}
+                 for i, c in enumerate(outcomes)]
+    (row,) = summarize(rows, ("label",))
+    assert row["n"] == 4 and row["seeds"] == 3                  # 4 cases, not 12 evaluations
+    assert row["accuracy"] == pytest.approx(6 / 12)
+    lo, hi = row["ci95"]
+    assert (lo, hi) == pytest.approx(wilson_interval(2, 4))      # k = 1 + 2/3 + 1/3 + 0 = 2 (a whole number here)
+    assert row["accuracy_seed_range"] == [0.25, 0.75]
+    with pytest.raises(ValueError):
+        wilson_interval(5.5, 4)
+    lo2, hi2 = wilson_interval(1.5, 4)                           # fractional k: same closed form
+    assert lo2 < 1.5 / 4 < hi2 and lo2 > wilson_interval(1, 4)[0]
