@@ -57,6 +57,7 @@ def test_missing_gemma_names_its_fetch_stage(monkeypatch, tmp_path):
         load_model("gemma3-270m")
 
 
+@pytest.mark.gemma
 def test_gemma3_270m_loads_through_the_shared_loader():
     folder, gguf = EMBEDDED_MODELS["gemma3-270m"]
     if not (folder / gguf).is_file():
