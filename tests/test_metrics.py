@@ -125,7 +125,8 @@ def test_wilson_known_values():
 
 
 @pytest.mark.parametrize("k,n,conf,match", [(1, 0, 0.95, "n=0"), (6, 5, 0.95, r"k=6"), (-1, 5, 0.95, "k=-1"),
-                                            (1, 5, 1.5, "confidence"), (1.5, 5, 0.95, "integer")])
+                                            (1, 5, 1.5, "confidence"), (float("nan"), 5, 0.95, "finite"),
+                                            (1, 5.0, 0.95, "integer")])
 def test_wilson_bad_input(k, n, conf, match):
     with pytest.raises(ValueError, match=match):
         wilson_interval(k, n, confidence=conf)
