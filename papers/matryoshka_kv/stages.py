@@ -196,7 +196,7 @@ def train(ctx: StageContext) -> dict:
                                   logger=ctx.lightning_logger(f"train/s{seed}"), progress=True)
         ctx.timing(f"seconds/s{seed}", time.perf_counter() - t0)
         proj.save(ctx.artifact(trained_path(seed)), {"init": "pca", "trained_sequences": t.n_sequences, "seed": seed})
-        rows += [{"seed": seed, "step": r["step"], "budget": b, "kl": r[f"kl@{b:g}"]}
+        rows += [{"seed": seed, "step": r["step"], "budget": b, "kl": r[f"kl_{b:g}"]}
                  for r in module.curve for b in t.val_budgets]
     ctx.log_metrics({"tokens": seqs.numel()})
     return {"train.json": result_table(
