@@ -5,13 +5,14 @@ clone's ``dvc.lock`` files compared with the committed ones.
     -> "cskv: reproduced byte for byte (12/12 outputs)"  or the outputs that differ, with both hashes
 
 The clone shares this checkout's DVC cache (the data stages' outputs are checked out from it, not re-downloaded)
-and runs with this checkout's Python environment; everything else — model artifacts, results, reports — is
-recomputed from scratch in the clone. ``compare_locks`` is the comparison alone (two checkouts' lock files).
+and runs with this checkout's Python environment; the paper's committed results, reports and artifacts are removed
+from the clone first, so every stage of the paper — model artifacts, results, reports — is recomputed there. ``compare_locks`` is the comparison alone (two checkouts' lock files).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,14 @@ def verify(paper_id: str, repo: Path = REPO_ROOT, workdir: Path | None = None) -
     env.pop("REPRISE_ROOT", None)
     _run(["git", "clone", "-q", str(repo), str(clone)], workdir, env)
     _run(["dvc", "cache", "dir", "--local", str(repo / ".dvc" / "cache")], clone, env)
+    # the committed outputs (results, reports) come with the clone: remove them, so that DVC recomputes every stage
+    # of the paper (the data stages' outputs are checked out from the shared cache, not recomputed)
+    for path in (clone / "papers" / paper_id / "results", clone / "papers" / paper_id / "artifacts",
+                 clone / "reports" / paper_id, clone / "reports" / f"{paper_id}.md"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     _run(["dvc", "repro", f"papers/{paper_id}"], clone, env)
     return compare_locks(lock_outputs(repo, paper_id), lock_outputs(clone, paper_id))
 
