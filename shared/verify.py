@@ -72,7 +72,7 @@ def verify(paper_id: str, repo: Path = REPO_ROOT, workdir: Path | None = None) -
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    _run(["dvc", "repro", f"papers/{paper_id}"], clone, env)
+    _run(["dvc", "repro", "--no-run-cache", f"papers/{paper_id}"], clone, env)   # recompute, never restore
     return compare_locks(lock_outputs(repo, paper_id), lock_outputs(clone, paper_id))
 
 
