@@ -73,6 +73,7 @@ def verify(paper_id: str, repo: Path = REPO_ROOT, workdir: Path | None = None) -
         elif path.exists():
             path.unlink()
     _run(["dvc", "repro", "--no-run-cache", f"papers/{paper_id}"], clone, env)   # recompute, never restore
+    _run(["dvc", "repro", "-f", "-s", f"papers/{paper_id}"], clone, env)          # DVC may still restore the report
     return compare_locks(lock_outputs(repo, paper_id), lock_outputs(clone, paper_id))
 
 
