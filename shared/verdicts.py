@@ -254,6 +254,7 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
     at_bound = next((v for v in (lo, hi) if v is not None and all(x == v for x in a + b)), None)
     margin = rule.margin * (mb if rule.margin_of == "b" else 1.0)
     res["margin"] = margin
+    pairs = _seed_pairs(A_seeds, B_seeds, A, B, keys)          # {seed: (A values, B values)} on the common units
     if floor_value is not None:
         res.update(outcome="untestable", p=1.0, test="—",
                    why=f"the reference sits at the floor ({_fmt(floor_value)}): the model cannot do the task here")
@@ -274,8 +275,6 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
             shifted = [x - sign * margin for x in d]
             informative, p2 = sum(1 for x in shifted if x != 0), sign_flip_test(shifted)
             res.update(test="exact sign-flip")
-            ma_shift = sign * margin
-            res["diff_vs_margin"] = (ma - mb) - ma_shift
         res["p"] = p2
         if informative < MIN_DECIDABLE:
             res.update(outcome="cannot decide",
@@ -283,12 +282,12 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
         else:
             res["outcome"] = "undecided" if p2 >= ALPHA else (
                 "favours" if sign * (ma - mb - (0 if binary else sign * margin)) > 0 else "against")
-    elif binary or _binary_per_seed(A_seeds, B_seeds, A, B, keys):
+    elif binary or all(v in (0.0, 1.0) for a_s, b_s in pairs.values() for v in a_s + b_s):
         # binary margin test: exact simultaneous bounds on P(A wins) − P(A loses), per training seed when a side has
         # several (every seed must agree: an intersection of exact tests, still ≤ 5%)
         res["test"] = "exact Clopper–Pearson bounds vs margin"
         outs, details = [], []
-        for s_, (a_s, b_s) in _binary_seed_pairs(A_seeds, B_seeds, A, B, keys).items():
+        for s_, (a_s, b_s) in pairs.items():
             dd = [sign * (x - y) for x, y in zip(a_s, b_s)]
             w, l = sum(1 for x in dd if x > 0), sum(1 for x in dd if x < 0)
             lo_b, hi_b = paired_binary_bounds(w, l, n)
@@ -320,11 +319,8 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
         else:
             res["outcome"] = "favours" if p_fav < ALPHA else "against" if p_bad < ALPHA else "undecided"
     if res["outcome"] in ("favours", "against") and rule.seeds_agree:
-        seeds = sorted(set(A_seeds) | set(B_seeds))
-        if len(seeds) > 1:
-            def at(S, full, s, k):                     # a seedless side is the same for every seed
-                return S[s][k] if s in S and k in S[s] else full[k]
-            per_seed = {s: fmean(at(A_seeds, A, s, k) - at(B_seeds, B, s, k) for k in keys) for s in seeds}
+        if len(pairs) > 1:
+            per_seed = {s: fmean(x - y for x, y in zip(a_s, b_s)) for s, (a_s, b_s) in pairs.items()}
             res["per_seed"] = per_seed
             want = math.copysign(1, ma - mb) if ma != mb else 0
             if any(v != 0 and math.copysign(1, v) != want for v in per_seed.values()):
@@ -333,18 +329,14 @@ def judge_comparison(rows: list[dict], cmp: Comparison, metric: str, expect: str
     return res
 
 
-def _binary_seed_pairs(A_seeds, B_seeds, A, B, keys) -> dict:
-    """{seed: (A values, B values)} on ``keys``, one pair of lists per training seed (a seedless side repeats)."""
-    seeds = sorted(set(A_seeds) | set(B_seeds), key=str) or [None]
+def _seed_pairs(A_seeds, B_seeds, A, B, keys) -> dict:
+    """{seed: (A values, B values)} on ``keys``, one pair of lists per training seed (a seedless side is the same
+    for every seed); ``{None: (A, B)}`` when neither side has seeds."""
+    seeds = sorted(set(A_seeds) | set(B_seeds)) or [None]
 
     def side(S, full, s):
         return [S[s][k] if s in S and k in S[s] else full[k] for k in keys]
     return {s: (side(A_seeds, A, s), side(B_seeds, B, s)) for s in seeds}
-
-
-def _binary_per_seed(A_seeds, B_seeds, A, B, keys) -> bool:
-    pairs = _binary_seed_pairs(A_seeds, B_seeds, A, B, keys)
-    return bool(A_seeds or B_seeds) and all(v in (0.0, 1.0) for a, b in pairs.values() for v in a + b)
 
 
 def describe(res: dict) -> str:
@@ -572,8 +564,6 @@ def provenance(folder: Path, claims: list[Claim]) -> dict[str, dict]:
             if hashes.get(c.id) != h:
                 break
             since = sha
-        if past and since == "uncommitted" and past[0][1].get(c.id) == h:
-            since = past[0][0]
         files = [c.rule.file] if c.rule else []
         data = None
         for f in files:
@@ -628,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for folder in folders:
         diffs = recheck(folder)
-        n = len(summary(judge_paper(folder))["claims"])
+        n = len(load_paper(folder)[1])
         print(f"{folder.name}: {'OK' if not diffs else 'DIFFERS'} ({n} claims recomputed from results/)")
         for d in diffs:
             print("  " + d)
