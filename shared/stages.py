@@ -39,12 +39,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from shared.io import read_yaml, write_json
 
 
-def timing_name(key: str) -> str:
-    """A timing's name as MLflow accepts it (alphanumerics and ``_ - . : / space``; e.g. a run label's ``+`` becomes
-    ``_``), used for both MLflow and the timings file so that the two never differ."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
+def mlflow_name(key: str) -> str:
+    """A metric name as MLflow accepts it (letters, digits, ``_ - . / :`` and spaces; e.g. a run label's ``+``
+    becomes ``_``). Timings use it for MLflow and the timings file alike, so that the two names never differ."""
+    return "".join(ch if ch.isalnum() or ch in "_-./: " else "_" for ch in key)
 
 
 class Params(BaseModel):
@@ -145,7 +143,7 @@ class StageContext:
     def timing(self, key: str, seconds: float) -> None:
         """Record a wall time. Timings never enter result files (DVC hashes those: same inputs → same bytes);
         they go to MLflow and to ``papers/<id>/timings/<stage>.json`` (git-ignored, machine-dependent)."""
-        key = timing_name(key)
+        key = mlflow_name(key)
         self.timings[key] = float(seconds)
         self.log_metrics({key: float(seconds)})
 

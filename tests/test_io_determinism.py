@@ -61,13 +61,18 @@ def test_timings_never_enter_result_files(tmp_path):
     @paper.stage("s")
     def s(ctx):
         ctx.timing("seconds/x", 1.25)
+        ctx.timing("seconds/a+filter", 2.0)            # a name MLflow rejects ('+'), the same in both places
         return {"r.json": {"value": 1}}
 
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     written = paper.run("s", P(), paper_dir=tmp_path, track=False)
     assert written["r.json"].read_text() == '{\n  "value": 1\n}\n'
     timings = (tmp_path / "timings" / "s.json").read_text()
-    assert '"seconds/x": 1.25' in timings and "stage_seconds" in timings
+    assert '"seconds/x": 1.25' in timings and '"seconds/a_filter": 2.0' in timings and "stage_seconds" in timings
+    from mlflow.utils.validation import _validate_metric_name
+
+    from shared.stages import mlflow_name
+    _validate_metric_name(mlflow_name("n4096.torch_chunked+filter.fw_peak_mb"))
 
 
 def test_verify_compares_every_output_hash_of_the_locks(tmp_path):

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from shared.stages import Paper, Params, StageContext
+from shared.stages import Paper, Params, StageContext, mlflow_name
 
 MB = 2**20                                               # MiB, as torch.cuda.max_memory_allocated() / 2**20
 #: paper / official benchmark numbers (paper.yaml, table1 + official_benchmark): Gemma 2 (2B), N = 8192, bf16
@@ -102,11 +102,6 @@ class CCEParams(Params):
     filter: Filter
     memory: Memory
     convergence: Convergence
-
-
-def metric_name(key: str) -> str:
-    """An MLflow-valid metric name (letters, digits, ``_ - . / :`` and spaces): ``+`` of run labels → ``_``."""
-    return "".join(ch if ch.isalnum() or ch in "_-./: " else "_" for ch in key)
 
 
 def _before(stage: str, params: CCEParams) -> None:
@@ -261,7 +256,7 @@ def stage_memory(ctx: StageContext) -> dict:
         print(f"filter {data} sort={sort}: kept {st['blocks_kept']}/{st['blocks_total']} "
               f"({st['fraction_kept']:.3f})", flush=True)
     del e_rand, c_rand
-    ctx.log_metrics({metric_name(f"n{r['n']}.{r['method']}.{k}"): r[k] for r in rows if r.get("fwbw_peak_mb") is not None
+    ctx.log_metrics({mlflow_name(f"n{r['n']}.{r['method']}.{k}"): r[k] for r in rows if r.get("fwbw_peak_mb") is not None
                      and r["kind"] != "analytic" and r["shape"].endswith("(real)") for k in ("fw_peak_mb", "fwbw_peak_mb")})
     ctx.log_metrics({f"filter.{r['data']}{'_sorted' if r['vocab_sort'] else ''}.fraction_kept": r["fraction_kept"]
                      for r in frows})
