@@ -85,17 +85,22 @@ class FiraAdamW(GaLoreAdamW):
         alpha = group["scale"] if group["residual"] == "code" else 1.0
         sub = self._up(state, low_grad, alpha)                                 # FA:126  α·lift(R) (FP:90)
         phi = scaling_factor(low_update, low_grad, group["scaling"])           # FA:127-133
-        residual = (p.grad - sub) * phi                                        # FA:134  S
-        gamma = group["limiter_gamma"]
-        if not math.isinf(gamma):                                              # FA:137-147  norm-growth limiter
-            if "scaling_grad" in state:
-                norm = torch.norm(residual)
-                limiter = max(norm / (state["scaling_grad"] + 1e-8), gamma) / gamma
-                residual = residual / limiter
-                state["scaling_grad"] = norm / limiter
-            else:
-                state["scaling_grad"] = torch.norm(residual)
+        residual = limit_growth((p.grad - sub) * phi, state, group["limiter_gamma"])   # FA:134-147  S
         return self._up(state, low_update, group["scale"]) + residual         # FA:149  α·lift(N) + S
+
+
+def limit_growth(residual: Tensor, state: dict, gamma: float) -> Tensor:
+    """The norm-growth limiter (FA:137-147): ℓ = max(‖S‖/(s_{t−1} + 1e-8), γ)/γ, S ← S/ℓ, s_t = ‖S‖/ℓ; the first
+    call only records s = ‖S‖. ``gamma`` = inf: no limiter, nothing stored."""
+    if math.isinf(gamma):
+        return residual
+    if "scaling_grad" not in state:
+        state["scaling_grad"] = torch.norm(residual)
+        return residual
+    norm = torch.norm(residual)
+    limiter = max(norm / (state["scaling_grad"] + 1e-8), gamma) / gamma
+    state["scaling_grad"] = norm / limiter
+    return residual / limiter
 
 
 def check_fira_group(group: dict) -> None:

@@ -62,7 +62,17 @@ class HarnessOptimizer:
         group = {k: params.get(k, v) for k, v in cls.group_options.items()}
         ctor = {k: params.get(k, v) for k, v in cls.ctor_options.items()}
         cls.check_options(group, linear)
+        cls.check_ctor(ctor)
         return group, ctor
+
+    @classmethod
+    def check_ctor(cls, ctor: dict) -> None:
+        """Adam hyper-parameters, checked before any optimizer exists (so the analytic count rejects them too)."""
+        for b in ctor.get("betas", ()):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"invalid beta {b!r}; must be in [0, 1)")
+        if "eps" in ctor and not ctor["eps"] >= 0.0:
+            raise ValueError(f"invalid eps {ctor['eps']!r}; must be >= 0")
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
