@@ -12,6 +12,7 @@ OPTIMIZERS = {
     "galore": "shared.pretrain.optim.galore:GaLoreAdamW",
     "frugal": "papers.frugal.optimizer:FRUGAL",
     "fira": "papers.fira.optimizer:FiraAdamW",
+    "fira_pytorch_optimizer": "papers.fira.peer:PytorchOptimizerFira",
     "sinkgd": "papers.sinkgd.optimizer:SinkGD",
     "swan": "papers.sinkgd.optimizer:SWAN",
 }
