@@ -1,6 +1,7 @@
 """Helpers of the optimizer tests (tests/pretrain, tests/papers/<optimizer paper>): a small random Llama, seeded
 batches and gradients, a training loop, parameter comparisons. Importable from any test (tests/ is on sys.path
-through tests/conftest.py)."""
+through tests/conftest.py). Importing ``one_thread`` into a test module makes it autouse there."""
+import pytest
 import torch
 
 
@@ -44,3 +45,12 @@ def assert_same_params(a, b, **tol):
 
 def max_abs_diff(a, b) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread (multi-threaded LAPACK SVD on a busy 2-core box is ~100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

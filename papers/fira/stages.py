@@ -12,6 +12,7 @@ import statistics
 
 from pydantic import Field, model_validator
 
+from shared.pretrain.family import set_threads
 from shared.pretrain.runs import (RUN_COLUMNS, Run, Train, load_data, pretrain_run, reuse, setting, summaries,
                                   window_cases)
 from shared.reports import result_table
@@ -47,13 +48,7 @@ class FiraParams(Params):
         return self
 
 
-def _threads(stage: str, params: FiraParams) -> None:
-    import torch
-
-    torch.set_num_threads(params.threads)
-
-
-paper = Paper("fira", FiraParams, __file__, before_stage=_threads)
+paper = Paper("fira", FiraParams, __file__, before_stage=set_threads)
 main = paper.main
 
 

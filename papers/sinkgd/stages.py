@@ -17,7 +17,7 @@ import statistics
 
 from pydantic import Field, model_validator
 
-from shared.pretrain.family import reusable_runs
+from shared.pretrain.family import reusable_runs, set_threads
 from shared.pretrain.runs import (RUN_COLUMNS, Run, Train, load_data, pretrain_run, reuse, setting, summaries,
                                   window_cases)
 from shared.reports import result_table
@@ -59,13 +59,7 @@ class SinkParams(Params):
         return self
 
 
-def _threads(stage: str, params: SinkParams) -> None:
-    import torch
-
-    torch.set_num_threads(params.threads)
-
-
-paper = Paper("sinkgd", SinkParams, __file__, before_stage=_threads)
+paper = Paper("sinkgd", SinkParams, __file__, before_stage=set_threads)
 main = paper.main
 
 

@@ -38,3 +38,11 @@ def reusable_runs(source: str, result: str, names: list[str], train: Train, runs
         else:
             out[name] = done[name]
     return out, why
+
+
+def set_threads(stage: str, params) -> None:
+    """``before_stage`` hook of the family's papers: torch CPU threads from ``params.threads`` (1 is fastest for the
+    `tiny` model: FRUGAL README)."""
+    import torch
+
+    torch.set_num_threads(params.threads)

@@ -16,19 +16,13 @@ import torch
 from shared.pretrain.groups import param_groups
 from papers.frugal.optimizer import (FRUGAL, block_schedule, build_coordinates, build_subspace, project_down,
                                      project_up, residual)
+from optim_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from optim_helpers import assert_same_params, batches, max_abs_diff, set_grads, synthetic_grads, tiny_model, train
 from shared.pretrain.optim import MB, GaLoreAdamW, analytic_state_bytes, build_optimizer, state_bytes
 
 BETAS = (0.9, 0.999)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (multi-threaded LAPACK SVD on a busy 2-core box is ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

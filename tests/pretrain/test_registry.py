@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from optim_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from optim_helpers import assert_same_params, batches, tiny_model, train
 from shared.pretrain.groups import param_groups
 from shared.pretrain.optim import (OPTIMIZERS, HarnessOptimizer, analytic_state_bytes, build_optimizer,
@@ -14,12 +15,6 @@ from shared.pretrain.optim import (OPTIMIZERS, HarnessOptimizer, analytic_state_
 NAMES = sorted(OPTIMIZERS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import papers.fira.optimizer as fira_mod
+from optim_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from optim_helpers import assert_same_params, batches, max_abs_diff, tiny_model, train
 from papers.fira.optimizer import FiraAdamW, limit_growth
 from shared.pretrain.groups import param_groups
@@ -15,12 +16,6 @@ from shared.pretrain.optim import build_optimizer
 T, RANK, ALPHA, LR, WD = 3, 8, 0.25, 1e-2, 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def official_fira(model):

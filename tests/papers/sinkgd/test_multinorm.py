@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from optim_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from optim_helpers import batches, set_grads, synthetic_grads, tiny_model, train
 from papers.sinkgd.optimizer import grad_norm, sr_sinkhorn, swan_direction, whiten
 from shared.pretrain.groups import param_groups
@@ -73,7 +74,6 @@ def test_grad_norm_rows_have_mean_zero_and_std_one_and_swan_update_is_rms_one():
 def test_stateless_linear_weights_and_torch_adamw_on_the_rest(name):
     """Linear state 0 B measured; the regular group moves exactly as torch.optim.AdamW; the Linear weights move
     by lr·free_lr_scale·direction(G)."""
-    torch.set_num_threads(1)
     a = tiny_model()
     ref = copy.deepcopy(a)
     opt = build_optimizer(name, a, lr=1e-3, free_lr_scale=2.0)
