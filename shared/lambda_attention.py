@@ -103,8 +103,8 @@ def lambda_attention(q, k, v, q_pos, k_pos, *, n_global: int, n_local, limit=Non
         kl, vl, pl = k[:, :, lo:hi], v[:, :, lo:hi], k_pos[:, lo:hi]
         dist = qp[:, :, None] - pl[:, None, :]                                  # i − j  [B, t, s]
         local = valid[:, lo:hi][:, None] & (dist >= 0) & (dist < n_l[:, None, None])
-        qg = qb.reshape(B, Hkv, G, e - s, D)
-        logit_l = torch.einsum("bhgtd,bhsd->bhgts", qg, kl) * scaling
+        t = e - s
+        logit_l = (qb.reshape(B, Hkv, G * t, D) @ kl.transpose(-1, -2)).view(B, Hkv, G, t, -1) * scaling
         logit_l = logit_l.masked_fill(~local[:, None, None], float("-inf"))
         parts, values = [logit_l], [vl]
         if n_gslots:
@@ -112,16 +112,17 @@ def lambda_attention(q, k, v, q_pos, k_pos, *, n_global: int, n_local, limit=Non
             glob = valg[:, None] & (pg[:, None, :] < n_global) & (dg >= n_l[:, None, None])
             # ceiling: (R_{L−i} q̃_i)·(R_{−j} k̃_j) = RoPE logit at distance exactly L (spec §2)
             qc = rotate(qb, L[:, None] - qp, inv_freq) if ceiling else qb
-            logit_g = torch.einsum("bhgtd,bhsd->bhgts", qc.reshape(B, Hkv, G, e - s, D), kg_c) * scaling
+            logit_g = (qc.reshape(B, Hkv, G * t, D) @ kg_c.transpose(-1, -2)).view(B, Hkv, G, t, -1) * scaling
             parts.insert(0, logit_g.masked_fill(~glob[:, None, None], float("-inf")))
             values.insert(0, vg)
         p = torch.cat(parts, -1).float().softmax(-1).nan_to_num(0.0).to(q.dtype)  # one softmax over both branches
+        p = p.view(B, Hkv, G * t, -1)
         o, c = 0, 0
-        for val in values:
+        for val in values:                                      # Σ_global p·V_g + Σ_local p·V_l
             n = val.shape[2]
-            o = o + torch.einsum("bhgts,bhsd->bhgtd", p[..., c:c + n], val)
+            o = o + p[..., c:c + n] @ val
             c += n
-        out[:, s:e] = o.reshape(B, Hq, e - s, D).transpose(1, 2)
+        out[:, s:e] = o.view(B, Hq, t, D).transpose(1, 2)
     return out
 
 
