@@ -3,8 +3,9 @@ a small partial cache Cp of K tokens attended at most steps, refreshed now and t
 
 1. Prefill with full attention → Cf (the exact prefill record).
 2. a = softmax attention of the last prompt token, per layer and KV head: max over the group's query heads.
-3. ã = max-pool₁d(a, kernel 7, stride 1, pad 3)  (length preserved).
-4. Cp = top-K of ã, kept in ascending score order (Cp[0] = lowest).
+3. ã = max-pool₁d(a, kernel 7, stride 1, pad 3)  (length preserved) over the tokens before the last.
+4. Cp = the last token + top-(K − 1) of ã, in ascending score order (Cp[0] = lowest), i.e. exactly SnapKV's
+   selection with window 1, kernel 7, max (spec §2: "this equals RA without refresh"; test R3).
 5. Partial step t: attend over Cp ∪ {t}; append t's KV to Cp; evict Cp[0] so |Cp| = K.
 6. Full step: Cf gains the KVs generated since the last full step — the very tensors Cp received, not recomputed —
    attend over Cf ∪ {t}, re-score with q_t (steps 2-4 on Cf), rebuild Cp.
@@ -36,14 +37,16 @@ from shared.lambda_attention import UNLIMITED
 
 def pooled_group_max_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
                             kernel_size: int) -> torch.Tensor:
-    """Steps 2-3: q [B, Hq, 1, D] (one query, rotated), keys [B, Hkv, S, D] → ã [B, Hkv, S]; padding → −inf."""
+    """Steps 2-3 for one query q [B, Hq, 1, D] (rotated) over keys [B, Hkv, S, D] whose last slot is the query's own
+    token: ã [B, Hkv, S − 1] over the tokens before it (SnapKV with window 1: official snapkv_utils.py:55-59 pools
+    only the pre-window tokens); padding → −inf."""
     B, Hq, _, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     logits = torch.einsum("bhgd,bhsd->bhgs", q[:, :, 0].reshape(B, Hkv, Hq // Hkv, D).float(), keys.float())
     a = (logits * scaling).masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
-    a = a.amax(2)                                                                   # max over the group (step 2)
-    a = F.max_pool1d(a.reshape(B * Hkv, 1, S), kernel_size, stride=1, padding=kernel_size // 2).view(B, Hkv, S)
-    return a.masked_fill(~valid[:, None], float("-inf"))
+    a = a.amax(2)[..., :S - 1]                                                   # max over the group (step 2)
+    a = F.max_pool1d(a.reshape(B * Hkv, 1, S - 1), kernel_size, stride=1, padding=kernel_size // 2)
+    return a.view(B, Hkv, S - 1).masked_fill(~valid[:, None, :S - 1], float("-inf"))
 
 
 class RefreshLayer(CompressedLayer):
@@ -64,17 +67,20 @@ class RefreshLayer(CompressedLayer):
         self._rebuild(last_query, scaling)
 
     def _rebuild(self, q, scaling) -> None:
-        """Steps 2-4 on Cf: Cp = per-row top-K_b (ascending score) of the pooled scores; positions kept."""
+        """Steps 2-4 on Cf: Cp = the newest token + top-(K − 1) of the pooled scores of the others (SnapKV's window
+        of 1), ascending by score with the newest last; stored at their absolute positions."""
         s = pooled_group_max_scores(q, self.full_keys, self.full_valid, scaling, self.m.kernel_size)
-        B, H, S = s.shape
+        B, H, S = s.shape[0], s.shape[1], s.shape[2] + 1
         K = int(min(self.budget.max(), S))
-        order = torch.full((B, H, K), 0, dtype=torch.long, device=s.device)
+        order = torch.zeros((B, H, K), dtype=torch.long, device=s.device)
         ok = torch.zeros(B, K, dtype=torch.bool, device=s.device)
         for b in range(B):
             k = int(min(self.budget[b], self.full_valid[b].sum()))
-            # top-K by a stable sort: ties (max pooling makes plateaus) go to the earlier token, whatever the padding
-            top = s[b].sort(dim=-1, descending=True, stable=True).indices[:, :k]
-            order[b, :, K - k:] = top.flip(-1)                                  # ascending by score (step 4)
+            # top-(K − 1) by a stable sort: ties (max pooling makes plateaus) go to the earlier token, whatever the
+            # padding; ascending by score (step 4), the newest token last
+            top = s[b].sort(dim=-1, descending=True, stable=True).indices[:, :k - 1]
+            order[b, :, K - k:K - 1] = top.flip(-1)
+            order[b, :, K - 1] = S - 1
             ok[b, K - k:] = True
         gi = order[..., None].expand(-1, -1, -1, self.full_keys.shape[3])
         self.keys, self.values = self.full_keys.gather(2, gi), self.full_values.gather(2, gi)
