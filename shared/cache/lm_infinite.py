@@ -63,24 +63,35 @@ class LMInfinite(KVMethod):
     def compress(self, record: PrefillRecord) -> CompressedCache:
         if record.model is None:
             raise ValueError("lm_infinite needs the record's model (RoPE frequencies, Λ prefill)")
-        inv = rope_inv_freq(record.model)
         valid = record.valid
-        n_real = valid.sum(-1)
-        n_l = self.local_sizes(n_real)
+        n_l = self.local_sizes(valid.sum(-1))
+        if self.lambda_prefill and bool((valid.sum(-1) > n_l).any()):   # else Λ ≡ causal attention on the prefill
+            return self.prefill(record.model, record.input_ids, record.attention_mask, n_l)
+        return self._cache(record.model, [(l.keys, l.values) for l in record.layers], valid, n_l,
+                           record.attention_mask)
+
+    @torch.no_grad()
+    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                n_local: torch.Tensor | None = None) -> CompressedCache:
+        """The Λ prefill of ``input_ids`` [B, T] (every attention call Λ-shaped) straight into the Λ cache, its last
+        logits in ``cache.prefill_logits`` — no exact prefill needed (spec §4.1 C3)."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        n_l = self.local_sizes(valid.sum(-1)) if n_local is None else n_local
+        pos = positions_from_mask(valid.long())
+        cache = DynamicCache()
+        with self.full_sequence(model, n_l):
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=pos if attention_mask is not None else None, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        built = self._cache(model, [(l.keys, l.values) for l in cache.layers], valid, n_l,
+                            None if attention_mask is None or bool(valid.all()) else valid)
+        built.prefill_logits = out.logits[:, -1].float()
+        return built
+
+    def _cache(self, model, keys_values, valid, n_l, kv_mask) -> CompressedCache:
+        inv = rope_inv_freq(model)
         limit = None if self.limit is None else torch.full_like(n_l, self.limit)
         pos = positions_from_mask(valid.long())
-        keys_values = [(l.keys, l.values) for l in record.layers]
-        prefill_logits = None
-        if self.lambda_prefill and bool((n_real > n_l).any()):      # else Λ ≡ causal attention on the prefill
-            cache = DynamicCache()
-            with self.full_sequence(record.model, n_l):
-                out = record.model(input_ids=record.input_ids, attention_mask=record.attention_mask,
-                                   position_ids=pos if record.attention_mask is not None else None,
-                                   past_key_values=cache, use_cache=True)
-            keys_values = [(l.keys, l.values) for l in cache.layers]
-            prefill_logits = out.logits[:, -1].float()
         layers = [SinkWindowLayer(k, v, pos, valid, n_global=self.n_global, n_local=n_l, limit=limit,
                                   ceiling=self.ceiling, inv_freq=inv, block=self.block) for k, v in keys_values]
-        cache = CompressedCache(layers, method=self.name, kv_mask=record.attention_mask)
-        cache.prefill_logits = prefill_logits
-        return cache
+        return CompressedCache(layers, method=self.name, kv_mask=kv_mask)
