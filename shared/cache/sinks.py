@@ -54,6 +54,7 @@ class SinkWindowLayer(CompressedLayer):
         self.ceiling, self.inv_freq, self.block = ceiling, inv_freq, block
         self.next_pos = torch.where(valid, positions, -1).max(-1).values + 1      # [B]
         self.seen = keys.shape[2]
+        self.reads: list[int] = []       # key slots attended by each step's last query (all KV heads of row 0)
         self._q_pos = None
         self._evict()
 
@@ -92,4 +93,5 @@ class SinkWindowLayer(CompressedLayer):
                                n_local=self.n_local, limit=self.limit, inv_freq=self.inv_freq, scaling=scaling,
                                ceiling=self.ceiling, k_valid=self.valid, block=self.block)
         self._evict()
+        self.reads.append(int(self.valid[0].sum()) * self.keys.shape[1])
         return out
