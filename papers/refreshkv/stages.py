@@ -4,8 +4,8 @@ and result files; claims are rules in paper.yaml judged by ``shared.verdicts``).
 
     segments   contiguous, disjoint Shakespeare segments of P + T tokens chosen by seed
     evaluate   per segment: the exact prefill of P tokens is recorded ONCE (shared.cache.base.record_prefill); every
-               method compresses it into its own cache and the next T tokens are teacher-forced through it one step
-               at a time (shared.kv_eval.decode_through): NLL, drift per 64-step bin against vanilla, keys attended
+               method compresses it into its own cache and the next T tokens are teacher-forced through it
+               (shared.kv_eval.decode_through, mode="forward": equal to step-by-step decoding, tested): NLL, drift per 64-step bin against vanilla, keys attended
                per step, wall time (MLflow only)
 
 Methods are registered KV methods (shared.cache.registry) named in params.yaml: vanilla = the full cache, StreamingLLM
@@ -113,7 +113,9 @@ def evaluate(ctx: StageContext) -> dict:
             method = method_for(mspec, e.budget)
             t0 = time.perf_counter()
             cache = method(rec)
-            logits = decode_through(model, cache, seg[None, P:P + T], P)        # step by step
+            # one teacher-forced forward: every registered method's layers give each query what its own decode step
+            # would (tests/cache/test_teacher_forced.py; RefreshKV runs the T steps in order inside each layer)
+            logits = decode_through(model, cache, seg[None, P:P + T], P, mode="forward")
             ctx.timing(f"{label}/segment{i}", time.perf_counter() - t0)
             first = (cache.prefill_logits if cache.prefill_logits is not None else rec.last_logits)[:, None]
             lp = torch.log_softmax(torch.cat([first, logits[:, :-1]], 1)[0], -1)

@@ -54,7 +54,7 @@ class SinkWindowLayer(CompressedLayer):
         self.ceiling, self.inv_freq, self.block = ceiling, inv_freq, block
         self.next_pos = torch.where(valid, positions, -1).max(-1).values + 1      # [B]
         self.seen = keys.shape[2]
-        self.reads: list[int] = []       # key slots attended by each step's last query (all KV heads of row 0)
+        self.reads: list[int] = []       # key slots attended by each decoded query (all KV heads of row 0)
         self._q_pos = None
         self._evict()
 
@@ -92,6 +92,8 @@ class SinkWindowLayer(CompressedLayer):
         out = lambda_attention(query, self.keys, self.values, self._q_pos, self.positions, n_global=self.n_global,
                                n_local=self.n_local, limit=self.limit, inv_freq=self.inv_freq, scaling=scaling,
                                ceiling=self.ceiling, k_valid=self.valid, block=self.block)
+        qp, kp = self._q_pos[0, :, None], self.positions[0, None, :]          # keys each query of row 0 attends
+        seen = self.valid[0] & (kp <= qp) & ((kp < self.n_global) | (qp - kp < self.n_local[0]))
+        self.reads += [int(n) * self.keys.shape[1] for n in seen.sum(-1)]
         self._evict()
-        self.reads.append(int(self.valid[0].sum()) * self.keys.shape[1])
         return out

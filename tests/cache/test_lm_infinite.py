@@ -168,3 +168,15 @@ def test_a_model_without_rope_is_refused():
     with pytest.raises(ValueError, match="needs a RoPE model"):
         with lambda_attention_context(gpt2, n_global=4, n_local=8):
             pass
+
+
+def test_keys_read_per_step_count_the_sink_and_window_slots(tiny_llama_gqa3):
+    P, N, n_g, n_l = 20, 6, 3, 12
+    rec = record_prefill(tiny_llama_gqa3, _ids(P + N)[:, :P])
+    step = compress("lm_infinite", rec, n_global=n_g, n_local=n_l, ceiling=False,
+                    lambda_prefill=False)
+    fwd = compress("lm_infinite", rec, n_global=n_g, n_local=n_l, ceiling=False, lambda_prefill=False)
+    nxt = _ids(P + N)[:, P:]
+    decode_through(tiny_llama_gqa3, step, nxt, P, mode="step")
+    decode_through(tiny_llama_gqa3, fwd, nxt, P, mode="forward")
+    assert step.layers[0].reads == fwd.layers[0].reads == [(n_g + n_l) * HKV] * N
