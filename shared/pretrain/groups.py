@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from torch import nn
 
 PROJECTABLE = ("self_attn", "mlp")
+#: regular sub-groups an optimizer may move off Adam (FRUGAL's ablation of which regular parameters need Adam)
+REGULAR_KINDS = {"embeddings": ("embed_tokens",), "norms": ("norm",), "logits": ("lm_head",)}
 
 
 @dataclass
@@ -37,3 +39,18 @@ def param_groups(model: nn.Module) -> ParamGroups:
     if not linear:
         raise ValueError(f"{type(model).__name__} has no Linear weight under a module named {PROJECTABLE}")
     return ParamGroups(linear, regular)
+
+
+def split_regular(groups: ParamGroups, kinds, option: str = "regular groups") -> tuple[list, list]:
+    """(kept, moved) regular (name, parameter) pairs: ``kinds`` names sub-groups of ``REGULAR_KINDS``
+    (matched by name fragment). ValueError for an unknown kind or a kind matching no parameter."""
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in REGULAR_KINDS]
+    if bad:
+        raise ValueError(f"{option} must name groups in {sorted(REGULAR_KINDS)}, got {bad}")
+    frags = [f for k in kinds for f in REGULAR_KINDS[k]]
+    moved = [(n, p) for n, p in groups.regular if any(f in n for f in frags)]
+    kept = [(n, p) for n, p in groups.regular if not any(f in n for f in frags)]
+    if kinds and not moved:
+        raise ValueError(f"{option}={list(kinds)} matches no parameter of the model")
+    return kept, moved

@@ -14,66 +14,18 @@ import pytest
 import torch
 
 from shared.pretrain.groups import param_groups
-from shared.pretrain.optim import (MB, OPTIMIZERS, FRUGAL, GaLoreAdamW, analytic_state_bytes, build_optimizer,
-                                   state_bytes)
-from shared.pretrain.optim.frugal import (block_schedule, build_coordinates, build_subspace, project_down,
-                                          project_up, residual)
+from papers.frugal.optimizer import (FRUGAL, block_schedule, build_coordinates, build_subspace, project_down,
+                                     project_up, residual)
+from optim_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
+from optim_helpers import assert_same_params, batches, max_abs_diff, set_grads, synthetic_grads, tiny_model, train
+from shared.pretrain.optim import MB, GaLoreAdamW, analytic_state_bytes, build_optimizer, state_bytes
 
 BETAS = (0.9, 0.999)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (multi-threaded LAPACK SVD on a busy 2-core box is ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def tiny_model(seed: int = 0, vocab: int = 64, hidden: int = 32, inter: int = 64, heads: int = 2, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                      num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=64,
-                      tie_word_embeddings=False, attn_implementation="eager")
-    return LlamaForCausalLM(cfg).float()
-
-
-def batches(n: int, seed: int = 0, vocab: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
-
-
-def synthetic_grads(model, steps: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(steps)]
-
-
-def set_grads(model, grads: dict):
-    for n, p in model.named_parameters():
-        p.grad = grads[n].clone()
-
-
-def train(model, opt, data):
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def assert_same_params(a, b, **tol):
-    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa, pb, msg=lambda m, n=na: f"{n}: {m}", **tol)
-
-
-def max_abs_diff(a, b) -> float:
-    return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
-
-
 def official_galore_adamw():
     """``galore_torch.adamw.AdamW`` (PyPI galore-torch 1.0) without running the package ``__init__``, which imports
     bitsandbytes; the two pure-torch modules are loaded under a private package name."""
@@ -467,7 +419,6 @@ def test_classes_validate_outside_the_registry():
         GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": -1}])
     with pytest.raises(ValueError, match="'sign'"):
         FRUGAL([W], state_free="sign")           # bad defaults fail even without a projectable group
-    assert set(OPTIMIZERS) == {"adamw", "galore", "frugal"}
 
 
 def test_regular_signsgd_moves_a_regular_group_to_the_state_free_rule():

@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .base import HarnessOptimizer
 
 GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
@@ -101,12 +104,40 @@ def check_galore_group(group: dict) -> None:
         raise ValueError(f"unknown GaLore proj_type {group['proj_type']!r}; expected one of {GALORE_PROJ_TYPES}")
 
 
-class GaLoreAdamW(Optimizer):
+def galore_matrix_bytes(shape, e: int, rank: int, proj_type: str) -> int:
+    """Analytic state bytes of one projected m×n matrix, r' = min(r, m, n): right side r'·n (P) + 2·m·r' (moments),
+    left side m·r' + 2·r'·n, "full" m·r' + r'·n + 2·r'² — the paper's m·r + 2·n·r (m ≤ n), times the element size."""
+    m, n = shape
+    r = min(rank, m, n)
+    side = galore_side(shape, proj_type)
+    if side == "right":
+        return (r * n + 2 * m * r) * e
+    if side == "left":
+        return (m * r + 2 * r * n) * e
+    return (m * r + r * n + 2 * r * r) * e
+
+
+class GaLoreAdamW(HarnessOptimizer, Optimizer):
     """GaLore-AdamW; parameter-for-parameter equal to ``galore_torch.adamw.AdamW`` 1.0 (see module docstring).
 
     Groups with a non-None ``rank`` are projected; missing ``update_proj_gap`` / ``scale`` / ``proj_type`` in such a
-    group are filled from the constructor's values.
+    group are filled from the constructor's values. Harness defaults: GaLore App. C.1 (r 128 at 60M, T 200, α 0.25).
+
+    Subclasses change the full-rank update direction through ``_direction`` (Fira adds its scaled residual there).
     """
+
+    group_options: ClassVar[dict] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+    ctor_options: ClassVar[dict] = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
+    invalid_examples: ClassVar[dict] = {"rank": -7, "update_proj_gap": -3, "scale": -0.5, "proj_type": "sideways"}
+
+    @classmethod
+    def check_options(cls, group: dict, linear) -> None:
+        check_galore_group(group)
+
+    @classmethod
+    def linear_state_bytes(cls, params, options, refresh=0) -> int:
+        return sum(galore_matrix_bytes(p.shape, p.element_size(), options["rank"], options["proj_type"])
+                   for p in params)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
@@ -155,6 +186,11 @@ class GaLoreAdamW(Optimizer):
             full = torch.matmul(P, low)
         return full * scale                                    # GP:67  α
 
+    def _direction(self, p: Tensor, state: dict, group: dict, low_grad: Tensor, low_update: Tensor) -> Tensor:
+        """The full-size update direction of a projected matrix from its low-rank Adam direction N (``low_update``);
+        ``low_grad`` is R = proj(G). GaLore: α·lift(N) (GA:127)."""
+        return self._up(state, low_update, group["scale"])
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = None
@@ -195,7 +231,7 @@ class GaLoreAdamW(Optimizer):
                     step_size = step_size * math.sqrt(bc2) / bc1
                 norm_grad = exp_avg / denom                                        # GA:123
                 if projected:
-                    norm_grad = self._up(state, norm_grad, group["scale"])         # GA:127
+                    norm_grad = self._direction(p, state, group, grad, norm_grad)  # GA:127
                 p.add_(norm_grad, alpha=-step_size)                                # GA:129
                 if group["weight_decay"] > 0.0:                                    # GA:139-140  decay after
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])

@@ -47,12 +47,15 @@ BlockAdamW descending/ascending/mirror, GaloreAdamW svd with/without reset, Coor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .galore import adam_defaults, compact
+from shared.pretrain.groups import ParamGroups, split_regular
+from shared.pretrain.optim.base import HarnessOptimizer, adam_moment_bytes
+from shared.pretrain.optim.galore import adam_defaults, compact
 
 PROJECTIONS = ("blockwise", "columns", "rows", "randk", "svd", "random", "randperm")
 COORDINATE_PROJECTIONS = ("columns", "rows", "randk")
@@ -298,13 +301,84 @@ def _fresh_moments(state: dict, like: Tensor) -> None:
     state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.contiguous_format)
 
 
-class FRUGAL(Optimizer):
+def frugal_matrix_bytes(shape, e: int, opts: dict) -> int:
+    """Analytic state bytes of one projectable m×n matrix (not blockwise): columns 2·m·c·e + 8·c (int64 indices),
+    c = int(ρ·n); rows 2·c·n·e + 8·c, c = int(ρ·m); randk 2·c·e + 8·c, c = int(ρ·m·n); svd/random/randperm
+    |P|·e + 2·|proj(G)|·e with r = round(ρ·side) (svd: min(r, m, n))."""
+    kind, rho = opts["proj"], opts["density"]
+    m, n = shape
+    if kind in COORDINATE_PROJECTIONS:
+        c = coordinate_count(shape, rho, kind)
+        low = {"columns": m * c, "rows": c * n, "randk": c}[kind]
+        return 2 * low * e + 8 * c
+    pshape, lshape, _ = subspace_shapes(shape, rho, kind, opts["proj_side"])
+    return (pshape[0] * pshape[1] + 2 * lshape[0] * lshape[1]) * e
+
+
+class FRUGAL(HarnessOptimizer, Optimizer):
     """FRUGAL with an AdamW state-full part (see module docstring).
 
     ``params``: tensors or param-group dicts; a group with ``projectable=True`` gets the FRUGAL split with the
     constructor's options as defaults (each overridable per group), every other group plain AdamW (AD convention).
     ``inactive_update_rule`` is accepted as the official alias of ``state_free``.
+
+    Harness (``build_optimizer("frugal", ...)``): defaults of spec §2 (blockwise ρ 0.25, T 200, descending,
+    signSGD, scales 1); ``regular_signsgd`` = regular sub-groups (``embeddings`` | ``norms`` | ``logits``) moved to
+    the state-free rule too — a projectable group at ρ = 0 (FRUGAL's ablation of which parameters need Adam).
     """
+
+    group_options: ClassVar[dict] = dict(FRUGAL_GROUP_DEFAULTS)
+    ctor_options: ClassVar[dict] = {"betas": (0.9, 0.999), "eps": 1e-8, "correct_bias": True, "seed": 0}
+    linear_tags: ClassVar[dict] = {"projectable": True}
+    invalid_examples: ClassVar[dict] = {"density": 1.5, "update_gap": -3, "proj": "diagonal",
+                                        "state_free": "adagrad", "block_order": "sideways"}
+
+    # ---- harness declarations (shared.pretrain.optim.base) ------------------------------------------------
+    @classmethod
+    def normalize(cls, params: dict) -> dict:
+        if "inactive_update_rule" in params:
+            if "state_free" in params:
+                raise ValueError("give either state_free or its alias inactive_update_rule, not both "
+                                 f"({params['state_free']!r} / {params['inactive_update_rule']!r})")
+            params["state_free"] = params.pop("inactive_update_rule")
+        return params
+
+    @classmethod
+    def check_options(cls, group: dict, linear) -> None:
+        checked = {**group, "params": linear}
+        check_frugal_group(checked)
+        group["state_free"] = checked["state_free"]      # normalised spelling
+
+    @classmethod
+    def for_model(cls, groups: ParamGroups, lr: float, weight_decay: float = 0.0, **params):
+        kept, moved = split_regular(groups, params.pop("regular_signsgd", ()), "regular_signsgd")
+        lin = [p for _, p in groups.linear]
+        reg = [p for _, p in kept]
+        group, ctor = cls.resolve(params, lin)
+        regular = [{"params": reg, "role": "regular"}] if reg else []
+        if moved:
+            regular.append({"params": [p for _, p in moved], "role": "regular", "projectable": True,
+                            **{**group, "density": 0.0}})
+        # FRUGAL PT:35-36: [regular, proj] groups
+        return cls(regular + [{"params": lin, "role": "linear", "projectable": True, **group}], lr=lr,
+                   weight_decay=weight_decay, **ctor)
+
+    @classmethod
+    def analytic_bytes(cls, groups: ParamGroups, refresh: int = 0, **params) -> dict[str, int]:
+        kept, _ = split_regular(groups, params.pop("regular_signsgd", ()), "regular_signsgd")   # moved groups keep no state
+        return super().analytic_bytes(ParamGroups(groups.linear, kept), refresh=refresh, **params)
+
+    @classmethod
+    def linear_state_bytes(cls, params, options, refresh=0) -> int:
+        """Blockwise: 2·N·e for the round(ρ·#tensors) tensors active after refresh ``refresh``, 0 for the rest
+        (ρ = 0: nothing); otherwise ``frugal_matrix_bytes`` per matrix."""
+        if options["proj"] != "blockwise":
+            return sum(frugal_matrix_bytes(p.shape, p.element_size(), options) for p in params)
+        k = num_active_blocks(len(params), options["density"])
+        gen, cursor = torch.Generator().manual_seed(options["seed"]), None
+        for _ in range(refresh + 1):
+            active, cursor = block_schedule(options["block_order"], len(params), k, cursor, gen)
+        return adam_moment_bytes([params[i] for i in active])
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, correct_bias: bool = True, *,
