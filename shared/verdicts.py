@@ -88,6 +88,20 @@ class Comparison(_Model):
     metric_b: str | None = None
 
 
+class Exercised(_Model):
+    """A precondition on the data: the failure a claim is about must be present in the reference, else the claim is
+    untestable here (e.g. LM-Infinite: vanilla's NLL must itself rise past its window, spec long_context.md §4.1).
+    Descriptive, not a test: exercised iff the claimed-direction mean difference of A − B (on their common units)
+    is ≥ ``margin``; ``why`` names the situation in the verdict ("failure not exercised at 2×")."""
+    name: str
+    a: dict[str, Any]
+    b: dict[str, Any]
+    metric: str | None = None          # default: the rule's metric
+    expect: Literal["greater", "less"]
+    margin: float = Field(0.0, ge=0)
+    why: str
+
+
 class Rule(_Model):
     file: str
     rows: str = "cases"
@@ -101,6 +115,7 @@ class Rule(_Model):
     compare: list[Comparison] = Field(min_length=1)
     also: dict[str, Literal["greater", "less"]] = Field(default_factory=dict)
     floor: dict[str, Any] | None = None
+    exercised: Exercised | None = None
     seeds_agree: bool = True
 
     @field_validator("unit")
@@ -384,6 +399,19 @@ def judge_rule(rule: Rule, rows: list[dict]) -> dict:
         if lo is not None and all(v == lo for v in ref.values()):
             floor_value = lo
     comps = [judge_comparison(rows, c, rule.metric, rule.expect, rule, floor_value) for c in rule.compare]
+    if rule.exercised is not None:
+        ex = rule.exercised
+        field = _field(ex.metric or rule.metric)
+        A, _ = per_unit(rows, {**rule.where, **ex.a}, field, rule.unit_fields)
+        B, _ = per_unit(rows, {**rule.where, **ex.b}, field, rule.unit_fields)
+        keys = sorted(set(A) & set(B), key=str)
+        if not keys:
+            raise ValueError(f"exercised {ex.name}: no common {rule.unit_name} units in {rule.file}")
+        diff = fmean(A[k] - B[k] for k in keys) * (1 if ex.expect == "greater" else -1)
+        if diff < ex.margin:
+            for c in comps:
+                c.update(outcome="untestable", why=f"{ex.why}: {ex.name} {field} Δ {diff:+.3g} < {ex.margin:g} "
+                                                   f"(mean over {len(keys)} {rule.unit_name}s)")
     if len(comps) > 1:   # several comparisons inside one claim: Holm over the decisive p-values
         live = [i for i, c in enumerate(comps) if c["outcome"] in ("favours", "against", "undecided")]
         for i, p in zip(live, holm([comps[i]["p"] for i in live])):
@@ -423,6 +451,10 @@ def rule_text(rule: Rule) -> str:
             + (" (Holm over comparisons)" if len(rule.compare) > 1 else ""))
     if rule.floor:
         text += f"; untestable if {rule.floor} is at the floor"
+    if rule.exercised:
+        ex = rule.exercised
+        text += (f"; untestable unless {ex.name} shows {ex.metric or rule.metric} "
+                 f"{'higher' if ex.expect == 'greater' else 'lower'} by ≥ {ex.margin:g} on average ({ex.why})")
     if rule.also:
         text += "; supporting: " + ", ".join(f"{m} {'higher' if e == 'greater' else 'lower'}"
                                              for m, e in rule.also.items())

@@ -56,3 +56,26 @@ def ddp_ranks(tmp_path):
         return load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gqa3():
+    """The long-context spec's test model (papers/long_context.md §5): 2 layers, 6 query / 2 KV heads (groups of 3),
+    head_dim 16, fp32, seed 0, room for 1024 positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      rope_theta=10000.0, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-tensor tests run on one intra-op thread: on a shared 2-core machine, thread hand-offs for ops of a few
+    microseconds cost far more than the op (the Λ grid test: 0.3 s on 1 thread, 16 s on 2 under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -258,3 +258,18 @@ def test_summary_counts_cases_not_case_times_seed():
         wilson_interval(5.5, 4)
     lo2, hi2 = wilson_interval(1.5, 4)                           # fractional k: same closed form
     assert lo2 < 1.5 / 4 < hi2 and lo2 > wilson_interval(1, 4)[0]
+
+
+def test_a_failure_the_reference_does_not_show_makes_the_claim_untestable_not_a_pass():
+    """`exercised`: LM-Infinite's C1 is only a test where vanilla itself degrades past its window."""
+    lam = _rows("lam_late", [0.1] * 8) + _rows("lam_early", [0.1] * 8)
+    flat = _rows("van_late", [0.11] * 8) + _rows("van_early", [0.1] * 8)       # vanilla rises 0.01 < 0.05
+    rises = _rows("van_late", [0.5] * 8) + _rows("van_early", [0.1] * 8)      # vanilla rises 0.4
+    rule = _rule(test="noninferiority", margin=0.05,
+                 compare=[{"name": "Λ late vs early", "a": {"label": "lam_late"}, "b": {"label": "lam_early"}}],
+                 exercised={"name": "vanilla late vs early", "a": {"label": "van_late"}, "b": {"label": "van_early"},
+                            "expect": "greater", "margin": 0.05, "why": "failure not exercised at 2×"})
+    got = judge_rule(rule, lam + flat)
+    assert got["verdict"] == "untestable here" and "failure not exercised at 2×" in got["text"]
+    assert judge_rule(rule, lam + rises)["verdict"] == "reproduced"
+    assert "untestable unless vanilla late vs early" in rule_text(rule)

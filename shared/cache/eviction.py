@@ -38,8 +38,9 @@ class StreamingLLM(ScorerMethod):
 
 @torch.no_grad()
 def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos: torch.Tensor,
-                          chunk: int = 256) -> torch.Tensor:
-    """Σ over queries ``q_pos`` (and the query heads of each KV head) of causal softmax attention → [B, Hkv, T].
+                          chunk: int = 256, group_max: bool = False) -> torch.Tensor:
+    """Σ over queries ``q_pos`` (and the query heads of each KV head) of causal softmax attention → [B, Hkv, T];
+    ``group_max``: per query head Σ over the queries, then the max over the query heads of each KV head.
 
     Recomputed from the recorded attention input: q = RoPE(x·W_Q), logits = q·Kᵀ/√d; padding keys are masked."""
     B, Hkv, T, D = layer.keys.shape
@@ -48,7 +49,8 @@ def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos
     q = apply_rope(q, layer.cos[:, q_pos], layer.sin[:, q_pos])
     Hq = q.shape[1]
     q = q.view(B, Hkv, Hq // Hkv, len(q_pos), D)
-    acc = torch.zeros(B, Hkv, T, dtype=torch.float32, device=layer.keys.device)
+    shape = (B, Hkv, Hq // Hkv, T) if group_max else (B, Hkv, T)
+    acc = torch.zeros(shape, dtype=torch.float32, device=layer.keys.device)
     for s in range(0, len(q_pos), chunk):
         qp = q_pos[s:s + chunk].to(layer.keys.device)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, s:s + chunk].float(), layer.keys.float())
@@ -57,8 +59,8 @@ def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos
         mask = mask[None] | ~valid[:, None, :]                                          # + padding keys [B, q, k]
         logits = logits.masked_fill(mask[:, None, None], float("-inf"))
         probs = logits.softmax(-1).nan_to_num(0.0) * valid[:, qp][:, None, None, :, None]  # pad queries: nothing
-        acc += probs.sum(dim=(2, 3))
-    return acc
+        acc += probs.sum(dim=3) if group_max else probs.sum(dim=(2, 3))   # (the sum path: bytes as before)
+    return acc.amax(2) if group_max else acc
 
 
 @dataclass

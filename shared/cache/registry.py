@@ -32,6 +32,8 @@ METHODS: dict[str, str] = {
     "snapkv": "shared.cache.snapkv:SnapKV",
     "lowrank": "shared.cache.lowrank:LowRank",
     "matryoshka": "shared.cache.orthogonal:Matryoshka",
+    "lm_infinite": "shared.cache.lm_infinite:LMInfinite",
+    "refreshkv": "shared.cache.refreshkv:RefreshKV",
 }
 
 def check_ratio(compression_ratio: float) -> float:
