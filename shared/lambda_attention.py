@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 UNLIMITED = 2 ** 40  # n_local for "every earlier token is local" (compression_ratio 0)
 
@@ -103,26 +104,24 @@ def lambda_attention(q, k, v, q_pos, k_pos, *, n_global: int, n_local, limit=Non
         kl, vl, pl = k[:, :, lo:hi], v[:, :, lo:hi], k_pos[:, lo:hi]
         dist = qp[:, :, None] - pl[:, None, :]                                  # i − j  [B, t, s]
         local = valid[:, lo:hi][:, None] & (dist >= 0) & (dist < n_l[:, None, None])
-        t = e - s
-        logit_l = (qb.reshape(B, Hkv, G * t, D) @ kl.transpose(-1, -2)).view(B, Hkv, G, t, -1) * scaling
-        logit_l = logit_l.masked_fill(~local[:, None, None], float("-inf"))
-        parts, values = [logit_l], [vl]
         if n_gslots:
             dg = qp[:, :, None] - pg[:, None, :]
             glob = valg[:, None] & (pg[:, None, :] < n_global) & (dg >= n_l[:, None, None])
-            # ceiling: (R_{L−i} q̃_i)·(R_{−j} k̃_j) = RoPE logit at distance exactly L (spec §2)
+            # ceiling: (R_{L−i} q̃_i)·(R_{−j} k̃_j) = RoPE logit at distance exactly L (spec §2). Both branches in one
+            # softmax, by one fused SDPA call over the keys [global; local] with the head dim doubled:
+            #   Q = [q̃ | R_{L−i} q̃],  K_global = [0 | R_{−j} k̃],  K_local = [k̃ | 0]  ->  Q·K = the two logits
             qc = rotate(qb, L[:, None] - qp, inv_freq) if ceiling else qb
-            logit_g = (qc.reshape(B, Hkv, G * t, D) @ kg_c.transpose(-1, -2)).view(B, Hkv, G, t, -1) * scaling
-            parts.insert(0, logit_g.masked_fill(~glob[:, None, None], float("-inf")))
-            values.insert(0, vg)
-        p = torch.cat(parts, -1).float().softmax(-1).nan_to_num(0.0).to(q.dtype)  # one softmax over both branches
-        p = p.view(B, Hkv, G * t, -1)
-        o, c = 0, 0
-        for val in values:                                      # Σ_global p·V_g + Σ_local p·V_l
-            n = val.shape[2]
-            o = o + p[..., c:c + n] @ val
-            c += n
-        out[:, s:e] = o.view(B, Hq, t, D).transpose(1, 2)
+            qb = torch.cat([qb, qc], -1)
+            kb = torch.cat([torch.cat([torch.zeros_like(kg_c), kg_c], -1),
+                            torch.cat([kl, torch.zeros_like(kl)], -1)], 2)
+            vb = torch.cat([vg, vl], 2)
+            mask = torch.cat([glob, local], -1)
+        else:
+            kb, vb, mask = kl, vl, local
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scaling,
+                                           enable_gqa=G > 1)
+        o = o.nan_to_num(0.0)                                   # a query with no visible key (padding) reads 0
+        out[:, s:e] = o.transpose(1, 2)
     return out
 
 
