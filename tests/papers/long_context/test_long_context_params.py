@@ -26,7 +26,7 @@ def _load(paper_id: str, path: tuple, value, tmp_path: Path):
     (("c1", "lam", "n_local"), 0, r"c1.lam.n_local = 0: Input should be greater than or equal to 1"),
     (("c2", "lam", "n_global"), -1, r"c2.lam.n_global = -1: Input should be greater than or equal to 0"),
     (("c1", "buckets"), [0, 4096, 8192], r"c1.buckets must rise from 0 to c1.seq_len = 16384"),
-    (("c3", "decode_tokens"), 8192, r"c3.decode_tokens = 8192 must be < c2.seq_len = 8192"),
+    (("c3", "decode_tokens"), 6144, r"c3.decode_tokens = 6144 must be < c2.seq_len = 6144"),
 ])
 def test_lm_infinite_bad_params_name_key_and_value(tmp_path, path, value, match):
     with pytest.raises(ValueError, match=match):
