@@ -41,10 +41,15 @@ def check_lambda_params(n_global, n_local, limit=None) -> None:
 
 def rope_inv_freq(model) -> torch.Tensor:
     """The RoPE inverse frequencies of ``model`` (its decoder's ``rotary_emb``); ValueError if it has no RoPE (Λ's
-    ceiling is a RoPE distance) or a RoPE with an attention scaling ≠ 1 (YaRN-style; not supported here)."""
+    ceiling is a RoPE distance) or a RoPE with an attention scaling ≠ 1 (YaRN-style; not supported here). A model
+    with one RoPE per layer type (Gemma 3: ``full_attention_inv_freq``, ``sliding_attention_inv_freq``) gives its
+    full-attention layers' frequencies: Λ applies to those only (sliding-window layers keep their own window,
+    :mod:`shared.cache.sliding`)."""
     base = getattr(model, "model", model)
     rotary = getattr(base, "rotary_emb", None)
     inv = getattr(rotary, "inv_freq", None)
+    if inv is None:
+        inv = getattr(rotary, "full_attention_inv_freq", None)
     if inv is None:
         raise ValueError(f"Λ-attention needs a RoPE model; {type(model).__name__} has no rotary_emb.inv_freq")
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -169,14 +174,16 @@ def _lambda_forward(module, query, key, value, attention_mask, scaling, **kwargs
 def lambda_attention_context(model, n_global: int, n_local, limit=None, ceiling: bool = True,
                              block: int = 1024) -> Iterator[None]:
     """While active, every attention call of ``model`` (a full-sequence forward, no cache) is Λ-shaped with
-    (n_g, n_l, L) — routed through the project's one attention router (``shared.cache.base``)."""
+    (n_g, n_l, L) — routed through the project's one attention router (``shared.cache.base``). A sliding-window
+    layer (Gemma 3's local layers) keeps the model's own attention: its window already bounds it."""
     from shared.cache.base import attention_modules, routed_attention
+    from shared.cache.sliding import sliding_windows
 
     if not torch.is_tensor(n_local):
         check_lambda_params(n_global, n_local, limit)
     inv = rope_inv_freq(model)
     cfg = dict(n_global=n_global, n_local=n_local, limit=limit, ceiling=ceiling, block=block, inv_freq=inv)
-    mods = attention_modules(model)
+    mods = [m for m, w in zip(attention_modules(model), sliding_windows(model)) if w is None]
     with routed_attention(model):
         for m in mods:
             m._reprise_lambda = cfg

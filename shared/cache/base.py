@@ -64,8 +64,19 @@ def _fallback_attention(module, previous: str):
     if previous == "eager":
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if fn is not None:
-            return fn
+            return _additive_mask(fn)
     return sdpa_attention_forward
+
+
+def _additive_mask(eager):
+    """Routed masks are sdpa's boolean masks (True = attend, :data:`AttentionMaskInterface` below); a model's eager
+    attention *adds* its mask to the logits, so it gets the additive form (0 / dtype min) of the same mask."""
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
+                                         ).masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    return forward
 
 
 def model_attention(module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor:

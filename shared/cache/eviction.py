@@ -6,14 +6,13 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from shared.cache.base import LayerRecord
-from shared.cache.rope import apply_rope
+from shared.cache.rope import project_queries, query_scaling
 from shared.cache.scorer import ScorerMethod
 
 
@@ -42,11 +41,11 @@ def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos
     """Σ over queries ``q_pos`` (and the query heads of each KV head) of causal softmax attention → [B, Hkv, T];
     ``group_max``: per query head Σ over the queries, then the max over the query heads of each KV head.
 
-    Recomputed from the recorded attention input: q = RoPE(x·W_Q), logits = q·Kᵀ/√d; padding keys are masked."""
+    Recomputed from the recorded attention input: q = RoPE(norm_q(x·W_Q)) (:func:`project_queries`), logits =
+    q·Kᵀ·s with the module's own scale s (1/√d unless the model says otherwise); padding keys are masked."""
     B, Hkv, T, D = layer.keys.shape
-    x = layer.hidden[:, q_pos]
-    q = module.q_proj(x).view(B, len(q_pos), -1, D).transpose(1, 2)
-    q = apply_rope(q, layer.cos[:, q_pos], layer.sin[:, q_pos])
+    q = project_queries(module, layer.hidden[:, q_pos], layer.cos[:, q_pos], layer.sin[:, q_pos])
+    scale = query_scaling(module, D)
     Hq = q.shape[1]
     q = q.view(B, Hkv, Hq // Hkv, len(q_pos), D)
     shape = (B, Hkv, Hq // Hkv, T) if group_max else (B, Hkv, T)
@@ -54,7 +53,7 @@ def accumulated_attention(module, layer: LayerRecord, valid: torch.Tensor, q_pos
     for s in range(0, len(q_pos), chunk):
         qp = q_pos[s:s + chunk].to(layer.keys.device)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, s:s + chunk].float(), layer.keys.float())
-        logits = logits / math.sqrt(D)
+        logits = logits * scale                        # = / √d bit for bit when 1/√d is a power of 2 (d = 64, 256)
         mask = torch.arange(T, device=logits.device)[None, :] > qp[:, None]             # causal [q, k]
         mask = mask[None] | ~valid[:, None, :]                                          # + padding keys [B, q, k]
         logits = logits.masked_fill(mask[:, None, None], float("-inf"))

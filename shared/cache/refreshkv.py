@@ -20,7 +20,6 @@ A forced forward of n tokens runs the n steps in order inside the layer (``suppo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from shared.cache.base import CompressedCache, CompressedLayer, PrefillRecord, attention_modules
 from shared.cache.registry import KVMethod
-from shared.cache.rope import apply_rope
+from shared.cache.rope import project_queries, query_scaling
 from shared.cache.scorer import kept_tokens
 from shared.cache.sinks import gather_slots, pack_kept
 from shared.lambda_attention import UNLIMITED
@@ -192,10 +191,7 @@ class RefreshKV(KVMethod):
             budget = torch.tensor([kept_tokens(int(n), self.compression_ratio) for n in n_real], device=n_real.device)
         layers = []
         for module, rec in zip(attention_modules(record.model), record.layers):
-            B, H, T, D = rec.keys.shape
-            q = module.q_proj(rec.hidden[:, -1:]).view(B, 1, -1, D)
-            q = (module.q_norm(q) if hasattr(module, "q_norm") else q).transpose(1, 2)      # Gemma 3 / Qwen 3
-            q = apply_rope(q, rec.cos[:, -1:], rec.sin[:, -1:])                 # the last prompt token's query
-            scaling = getattr(module, "scaling", 1.0 / math.sqrt(D))
-            layers.append(RefreshLayer(rec.keys, rec.values, valid, q, budget, self, scaling))
+            q = project_queries(module, rec.hidden[:, -1:], rec.cos[:, -1:], rec.sin[:, -1:])   # the last prompt query
+            layers.append(RefreshLayer(rec.keys, rec.values, valid, q, budget, self,
+                                       query_scaling(module, rec.keys.shape[-1])))
         return CompressedCache(layers, method=self.name, kv_mask=record.attention_mask)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from shared.cache.base import CompressedCache, PrefillRecord
+from shared.cache.sliding import keep_model_windows
 
 #: name → "module:Class" (the registry; one line per method)
 METHODS: dict[str, str] = {
@@ -55,7 +56,9 @@ class KVMethod:
         self.compression_ratio = check_ratio(self.compression_ratio)
 
     def __call__(self, record: PrefillRecord) -> CompressedCache:
-        cache = self.compress(record)
+        """Compress ``record``; a sliding-window layer of the model keeps the model's own window exactly (it is
+        bounded already; :mod:`shared.cache.sliding` — the identity for models without such layers)."""
+        cache = keep_model_windows(record, self.compress(record))
         cache.method = self.name
         return cache
 
