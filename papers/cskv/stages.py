@@ -26,6 +26,7 @@ from shared.io import save_safetensors
 from shared.kv_eval import average_over, breakpoint, evaluate_task, summary_rows
 from shared.paths import REPO_ROOT
 from shared.reports import result_table
+from shared.corpus import Corpus
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import TASKS, corpus_ids
 
@@ -143,6 +144,7 @@ class Ablation(Params):
 class CSKVParams(Params):
     seed: int
     model: str
+    corpus: Corpus = Corpus()                   # the text calibration reads (default: the embedded Shakespeare)
     window: int = Field(ge=0)
     calibration: Calibration
     train: Train
@@ -252,8 +254,8 @@ def needed_factor_sets(p: CSKVParams) -> list[dict]:
 def calibrate(ctx: StageContext) -> None:
     p, c = ctx.params, ctx.params.calibration
     model, tok, _ = ctx.model()
-    X = collect_inputs(model, corpus_ids(tok, c.split), c.n_samples, c.seq_len, ctx.seed)
-    X_val = collect_inputs(model, corpus_ids(tok, "validation"), 2, c.seq_len, ctx.seed + 1)
+    X = collect_inputs(model, corpus_ids(tok, c.split, corpus=p.corpus), c.n_samples, c.seq_len, ctx.seed)
+    X_val = collect_inputs(model, corpus_ids(tok, "validation", corpus=p.corpus), 2, c.seq_len, ctx.seed + 1)
     stats = activation_stats(X)
     path = ctx.artifact("calibration.safetensors")
     save_safetensors(path, {"X": X, "X_val": X_val, "abs_mean": stats["abs_mean"], "gram": stats["gram"]},

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from shared.corpus import Corpus
 from shared.stages import Paper, Params, StageContext, mlflow_name
 
 MB = 2**20                                               # MiB, as torch.cuda.max_memory_allocated() / 2**20
@@ -98,6 +99,7 @@ class Convergence(Params):
 class CCEParams(Params):
     seed: int
     model: str
+    corpus: Corpus = Corpus()              # the text both stages read (default: the embedded Shakespeare corpus)
     threads: int = Field(ge=1)
     filter: Filter
     memory: Memory
@@ -156,13 +158,14 @@ def _mem_row(shape: dict, method: str, dtype: str, kind: str, mem=None, analytic
 
 
 @torch.no_grad()
-def real_hidden_states(model, tokenizer, n: int, window: int, split: str = "train"):
+def real_hidden_states(model, tokenizer, n: int, window: int, split: str = "train", corpus: Corpus | None = None):
     """Final hidden states ``e [n, D]`` (after the final norm: what the classifier sees) of consecutive
-    ``window + 1``-token Shakespeare windows and their next-token targets ``y [n]`` (position t predicts t + 1)."""
+    ``window + 1``-token windows of ``corpus`` (default: Shakespeare) and their next-token targets ``y [n]``
+    (position t predicts t + 1)."""
     from shared.models import decoder
 
     count = math.ceil(n / window)
-    ids = _windows(tokenizer, split, window + 1, count, None)
+    ids = _windows(tokenizer, split, window + 1, count, None, corpus=corpus)
     outs = [decoder(model)(input_ids=w[None, :-1], use_cache=False).last_hidden_state[0] for w in ids]
     e = torch.cat(outs)[:n].contiguous()
     y = ids[:, 1:].reshape(-1)[:n].contiguous()
@@ -180,7 +183,7 @@ def stage_memory(ctx: StageContext) -> dict:
     model, tok, spec = ctx.model()
     n_max = max(max(m["ns"]), m["filter_stats_n"])
     t0 = time.perf_counter()
-    e_all, y_all = real_hidden_states(model, tok, n_max, m["window"])
+    e_all, y_all = real_hidden_states(model, tok, n_max, m["window"], corpus=ctx.params.corpus)
     c = model.get_output_embeddings().weight.detach()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     hidden_seconds = time.perf_counter() - t0
@@ -319,15 +322,16 @@ def bos_id(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _windows(tokenizer, split: str, seq_len: int, count: int, seed: int | None, max_chars: int = 1_000_000):
-    """``count`` non-overlapping ``seq_len``-token windows of a corpus split (shuffled with ``seed``; in order if
+def _windows(tokenizer, split: str, seq_len: int, count: int, seed: int | None, max_chars: int = 1_000_000,
+             corpus: Corpus | None = None):
+    """``count`` non-overlapping ``seq_len``-token windows of a ``corpus`` split (shuffled with ``seed``; in order if
     ``seed`` is None). When the tokenizer prepends BOS by default (Gemma), every window is BOS + ``seq_len − 1``
     text tokens, as the model sees a document start."""
     from shared.tasks.perplexity import corpus_ids
 
     bos = bos_id(tokenizer)
     width = seq_len - (bos is not None)
-    ids = corpus_ids(tokenizer, split, max_chars)
+    ids = corpus_ids(tokenizer, split, max_chars, corpus=corpus)
     n = ids.numel() // width
     if n < count:
         raise ValueError(f"the {split} split gives {n} windows of {seq_len} tokens, fewer than the {count} needed")
@@ -369,8 +373,8 @@ def stage_convergence(ctx: StageContext) -> dict:
         raise ValueError(f"convergence.trainable_blocks must be < the model's {spec.num_layers} layers, got "
                          f"{c['trainable_blocks']}")
     bs, T = c["batch_size"], c["seq_len"]
-    train_ids = _windows(tok, "train", T, c["distinct_batches"] * bs, p["seed"])
-    val_ids = _windows(tok, "validation", T, c["val_batches"] * bs, None)
+    train_ids = _windows(tok, "train", T, c["distinct_batches"] * bs, p["seed"], corpus=ctx.params.corpus)
+    val_ids = _windows(tok, "validation", T, c["val_batches"] * bs, None, corpus=ctx.params.corpus)
     t0 = time.perf_counter()
 
     def featurize(ids: torch.Tensor) -> list[dict]:         # the frozen prefix, computed once for every run

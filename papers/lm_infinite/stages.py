@@ -22,6 +22,7 @@ from shared.io import save_safetensors
 from shared.kv_eval import decode_through
 from shared.lambda_attention import check_lambda_params
 from shared.reports import result_table
+from shared.corpus import Corpus
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import corpus_ids, token_windows
 
@@ -60,6 +61,7 @@ class LMIParams(Params):
     seed: int = 0
     model: str
     split: str = "train"
+    corpus: Corpus = Corpus()              # the text `segments` reads (default: the embedded Shakespeare)
     c1: C1
     c2: C2
     c3: C3
@@ -155,7 +157,7 @@ def segments(ctx: StageContext) -> None:
     """C1 segments, then C2 segments cut from further windows of C1's length: all contiguous and disjoint."""
     p = ctx.params
     _, tok, _ = ctx.model()
-    ids = corpus_ids(tok, p.split, max_chars=None)
+    ids = corpus_ids(tok, p.split, max_chars=None, corpus=p.corpus)
     per = max(1, p.c1.seq_len // p.c2.seq_len)
     n_extra = -(-p.c2.n_segments // per)
     windows = token_windows(ids, p.c1.n_segments + n_extra, p.c1.seq_len, ctx.seed)

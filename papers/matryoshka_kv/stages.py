@@ -28,6 +28,7 @@ from shared.io import save_safetensors
 from shared.kv_eval import evaluate_task, summary_rows
 from shared.metrics import kl_divergence, token_nll, top1_agreement
 from shared.reports import result_table
+from shared.corpus import Corpus
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import TASKS, corpus_ids, next_line_choice, score_choice, token_windows
 
@@ -132,6 +133,7 @@ class MethodSpec(Params):
 class MKVParams(Params):
     seed: int
     model: str
+    corpus: Corpus = Corpus()                   # the text all stages but retrieval read (default: embedded Shakespeare)
     calibration: Calibration
     train: Train
     search: Search
@@ -169,7 +171,7 @@ def ranks_path(seed: int) -> str:
 def calibrate(ctx: StageContext) -> None:
     p, c = ctx.params, ctx.params.calibration
     model, tok, _ = ctx.model()
-    seqs = token_windows(corpus_ids(tok, c.split), c.n_sequences, c.seq_len, ctx.seed)
+    seqs = token_windows(corpus_ids(tok, c.split, corpus=p.corpus), c.n_sequences, c.seq_len, ctx.seed)
     stats = kv_statistics(model, list(seqs.split(c.batch_size)))
     path = ctx.artifact(STATS)
     save_safetensors(path, stats, {"model": p.model})
@@ -183,8 +185,9 @@ def train(ctx: StageContext) -> dict:
 
     p, t = ctx.params, ctx.params.train
     model, tok, _ = ctx.model()
-    seqs = token_windows(corpus_ids(tok, "train"), t.n_sequences, t.seq_len, ctx.seed + 1)
-    val = list(token_windows(corpus_ids(tok, "validation"), t.val_sequences, t.seq_len, ctx.seed + 2).split(1))
+    seqs = token_windows(corpus_ids(tok, "train", corpus=p.corpus), t.n_sequences, t.seq_len, ctx.seed + 1)
+    val_ids = corpus_ids(tok, "validation", corpus=p.corpus)
+    val = list(token_windows(val_ids, t.val_sequences, t.seq_len, ctx.seed + 2).split(1))
     rows = []
     ctx.fresh_artifact_dir("mkv")
     for seed in t.seeds:                      # same data, another initialisation of the rank sampler / order
@@ -217,7 +220,7 @@ def search(ctx: StageContext) -> dict:
 
     p, s = ctx.params, ctx.params.search
     model, tok, spec = ctx.model()
-    ids = token_windows(corpus_ids(tok, "train"), s.n_sequences, s.seq_len, ctx.seed + 3)
+    ids = token_windows(corpus_ids(tok, "train", corpus=p.corpus), s.n_sequences, s.seq_len, ctx.seed + 3)
     rows, layer_rows, history = [], [], {}
     ctx.fresh_artifact_dir("ranks")
     for seed in p.train.seeds:
@@ -339,8 +342,8 @@ def evaluate(ctx: StageContext) -> dict:
     p, e = ctx.params, ctx.params.eval
     model, tok, _ = ctx.model()
     M = Methods(ctx)
-    seqs = token_windows(corpus_ids(tok, e.lm.split), e.lm.n_sequences, e.lm.seq_len, ctx.seed + 4)
-    items = next_line_choice(tok, e.choice.n_items, ctx.seed, split=e.choice.split)
+    seqs = token_windows(corpus_ids(tok, e.lm.split, corpus=p.corpus), e.lm.n_sequences, e.lm.seq_len, ctx.seed + 4)
+    items = next_line_choice(tok, e.choice.n_items, ctx.seed, split=e.choice.split, corpus=p.corpus)
     bsz = e.lm.batch_size
     refs = [torch.log_softmax(model(input_ids=x).logits.float(), -1) for x in seqs.split(bsz)]
     record = record_prefill(model, seqs[:1])  # one exact prefill; every configuration's cache bytes come from it

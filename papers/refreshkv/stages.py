@@ -27,6 +27,7 @@ from shared.cache.registry import build
 from shared.io import save_safetensors
 from shared.kv_eval import decode_through
 from shared.reports import result_table
+from shared.corpus import Corpus
 from shared.stages import Paper, Params, StageContext
 from shared.tasks import corpus_ids, token_windows
 
@@ -50,12 +51,19 @@ class Eval(Params):
         return self
 
 
+class SecondModel(Params):
+    model: str                             # e.g. gemma3-270m (15 of 18 layers slide over 512 tokens)
+    eval: Eval
+
+
 class RKVParams(Params):
     seed: int = 0
     model: str
     split: str = "test"
+    corpus: Corpus = Corpus()              # the text `segments` reads (default: the embedded Shakespeare)
     methods: dict[str, dict[str, Any]]     # label → {method: <registered name>, **params}; `full` = vanilla
     eval: Eval
+    second_model: SecondModel | None = None  # the same table on a model whose local layers bound attention already
 
     @field_validator("methods")
     @classmethod
@@ -91,7 +99,8 @@ def method_for(spec: dict, budget: int):
 def segments(ctx: StageContext) -> None:
     p, e = ctx.params, ctx.params.eval
     _, tok, _ = ctx.model()
-    segs = token_windows(corpus_ids(tok, p.split, max_chars=None), e.n_segments, e.prefill + e.decode, ctx.seed)
+    ids = corpus_ids(tok, p.split, max_chars=None, corpus=p.corpus)
+    segs = token_windows(ids, e.n_segments, e.prefill + e.decode, ctx.seed)
     save_safetensors(ctx.artifact(SEGMENTS), {"segments": segs.contiguous()},
                      {"model": p.model, "split": p.split, "seed": str(ctx.seed)})
 
@@ -100,9 +109,38 @@ def segments(ctx: StageContext) -> None:
 def evaluate(ctx: StageContext) -> dict:
     from safetensors.torch import load_file
 
-    p, e = ctx.params, ctx.params.eval
-    model, _, spec = ctx.model()
     segs = load_file(str(ctx.artifact(SEGMENTS)))["segments"]
+    return {"ra.json": evaluate_segments(ctx, "evaluate", ctx.params.model, ctx.params.eval, segs)}
+
+
+@paper.stage("second_model")
+def second_model(ctx: StageContext) -> dict:
+    """The same table on ``second_model`` (its own tokenizer: its own segments, same seed, split and corpus)."""
+    p, s = ctx.params, ctx.params.second_model
+    if s is None:
+        raise ValueError("second_model is not set in params.yaml")
+    _, tok, _ = ctx.model(s.model)
+    ids = corpus_ids(tok, p.split, max_chars=None, corpus=p.corpus)
+    segs = token_windows(ids, s.eval.n_segments, s.eval.prefill + s.eval.decode, ctx.seed)
+    return {"ra_second_model.json": evaluate_segments(ctx, "second_model", s.model, s.eval, segs)}
+
+
+def keys_per_step(cache, P: int, T: int) -> float:
+    """Key slots attended per decode step, per layer and KV head: a layer that counts them (``reads``: eviction,
+    RefreshKV, sliding-window layers) gives its count; an exact layer reads P + t + 1 at step t (mean P + (T + 1)/2)."""
+    exact = P + (T + 1) / 2
+    if not any(getattr(layer, "reads", None) for layer in cache.layers):
+        return exact
+    H = cache.layers[0].keys.shape[1]
+    total = sum(sum(layer.reads) if getattr(layer, "reads", None) else exact * T * H for layer in cache.layers)
+    return total / (len(cache.layers) * T * H)
+
+
+def evaluate_segments(ctx: StageContext, stage: str, model_name: str, e: Eval, segs: torch.Tensor) -> dict:
+    """Per segment: the exact prefill of P tokens recorded once, every method's cache, T teacher-forced tokens →
+    the result table (NLL, PPL, G, keys/step, drift bins) with per-segment cases."""
+    p = ctx.params
+    model, _, _ = ctx.model(model_name)
     P, T, nb = e.prefill, e.decode, e.bins
     cases, drift = [], []
     bar = tqdm(total=len(segs) * len(p.methods), desc="refreshkv segments × methods")
@@ -120,13 +158,8 @@ def evaluate(ctx: StageContext) -> dict:
             first = (cache.prefill_logits if cache.prefill_logits is not None else rec.last_logits)[:, None]
             lp = torch.log_softmax(torch.cat([first, logits[:, :-1]], 1)[0], -1)
             per_tok[label] = -lp.gather(1, seg[P:P + T, None])[:, 0]          # NLL of tokens P .. P+T−1
-            reads = [r for layer in cache.layers for r in getattr(layer, "reads", [])]
-            n_layers = len(cache.layers)
-            kv_heads = cache.layers[0].keys.shape[1]
             cases.append({"segment": i, "method": label, "nll": float(per_tok[label].mean()),
-                          # keys read per decode step and layer, per KV head (vanilla: P + t + 1)
-                          "keys_per_step": (sum(reads) / (n_layers * T * kv_heads)) if reads
-                          else P + (T + 1) / 2})
+                          "keys_per_step": keys_per_step(cache, P, T)})
             bar.update()
         v = per_tok[next(k for k, s in p.methods.items() if s["method"] == "full")]
         for label, nll in per_tok.items():
@@ -149,18 +182,18 @@ def evaluate(ctx: StageContext) -> dict:
         for b in range(1, nb + 1):
             row[f"drift_{b}"] = fmean(d["drift"] for d in drift if d["method"] == label and d["bin"] == b)
         rows.append(row)
-        ctx.cell(f"evaluate/{label}", {k: x for k, x in row.items() if isinstance(x, float)})
+        ctx.cell(f"{stage}/{label}", {k: x for k, x in row.items() if isinstance(x, float)})
     cols = [["method", "method"], ["nll", "NLL"], ["ppl", "PPL"], ["gap_closure", "G"],
             ["keys_per_step", "keys/step/layer/head"]] + [[f"drift_{b}", f"drift bin {b}"] for b in range(1, nb + 1)]
-    return {"ra.json": result_table(
+    return result_table(
         f"Table 1 analogue — NLL of {T} teacher-forced tokens after a {P}-token prefill, K = {e.budget}", cols, rows,
-        setting=f"{e.n_segments} contiguous Shakespeare segments ({p.split} split) × ({P} + {T}) tokens, {p.model}; "
+        setting=f"{e.n_segments} contiguous Shakespeare segments ({p.split} split) × ({P} + {T}) tokens, {model_name}; "
                 f"per method: {', '.join(f'{k} = {v}' for k, v in p.methods.items())}",
         table_ref="ACL Table 1 (16K, K = 2048, last 256 tokens)", cases=cases, drift=drift,
         notes=[f"Unit of replication: segment (n = {e.n_segments}). Drift = NLL − vanilla NLL per {T // nb}-step "
                "bin. G = (SnapKV − RA)/(SnapKV − V) in log-PPL (the paper's gap closure). keys/step = key slots "
                "attended per decode step, per layer and KV head. Wall time is in MLflow only: a 135M model's CPU "
-               "decode is overhead-bound, so speed is not a claim here."])}
+               "decode is overhead-bound, so speed is not a claim here."])
 
 
 if __name__ == "__main__":

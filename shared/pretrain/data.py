@@ -12,22 +12,22 @@ import hashlib
 import torch
 from tokenizers import Tokenizer
 
+from shared.corpus import Corpus, as_corpus, token_ids
 from shared.paths import CORPORA_DIR
 
 _ENCODED: dict[tuple[str, str, str, str], torch.Tensor] = {}
 
 
-def encode_split(tokenizer: Tokenizer, split: str, corpus: str = "shakespeare") -> torch.Tensor:
-    """All token ids of one corpus split (``corpus_text(split)``) → 1-D LongTensor, cached in memory per
-    (tokenizer, corpus, split). The cached tensor is shared: do not modify it in place."""
-    from shared.tasks.perplexity import corpus_text
-
+def encode_split(tokenizer: Tokenizer, split: str, corpus: Corpus | dict | str | None = None) -> torch.Tensor:
+    """All token ids of one corpus split (:func:`shared.corpus.token_ids`; default: the embedded Shakespeare corpus)
+    → 1-D LongTensor, cached in memory per (tokenizer, corpus, split). The cached tensor is shared: do not modify it
+    in place."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be train/validation/test, got {split!r}")
-    key = (hashlib.sha256(tokenizer.to_str().encode()).hexdigest(), str(CORPORA_DIR), corpus, split)
+    c = as_corpus(corpus)
+    key = (hashlib.sha256(tokenizer.to_str().encode()).hexdigest(), str(CORPORA_DIR), c.model_dump_json(), split)
     if key not in _ENCODED:
-        ids = tokenizer.encode(corpus_text(split, corpus=corpus), add_special_tokens=False).ids
-        _ENCODED[key] = torch.tensor(ids, dtype=torch.long)
+        _ENCODED[key] = token_ids(tokenizer, split, c)
     return _ENCODED[key]
 
 
@@ -66,7 +66,8 @@ def order_hash(order: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def validation_windows(tokenizer: Tokenizer, n: int, seq_len: int = 256, corpus: str = "shakespeare") -> torch.Tensor:
+def validation_windows(tokenizer: Tokenizer, n: int, seq_len: int = 256,
+                       corpus: Corpus | dict | str | None = None) -> torch.Tensor:
     """The first ``n`` windows of ``seq_len`` tokens of the validation split → ``[n, seq_len]``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

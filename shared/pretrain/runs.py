@@ -46,13 +46,15 @@ def optimizer_params(run: Run, **override) -> dict:
 
 
 def load_data(train: Train):
-    """(vocab size, train windows, validation windows) of the Shakespeare BPE split for ``train``."""
+    """(vocab size, train windows, validation windows) for ``train`` of the pre-training corpus (root params.yaml
+    ``pretrain.corpus``; default: the embedded Shakespeare corpus) in the BPE fitted on it."""
     from shared.pretrain.data import encode_split, validation_windows, windows
-    from shared.pretrain.tokenizer import load_tokenizer
+    from shared.pretrain.tokenizer import load_tokenizer, pretrain_corpus, tokenizer_path
 
-    tok = load_tokenizer()
-    train_windows = windows(encode_split(tok, "train"), train.seq_len)
-    val = validation_windows(tok, train.val_windows, train.seq_len)
+    corpus = pretrain_corpus()
+    tok = load_tokenizer(tokenizer_path(corpus=corpus.name))
+    train_windows = windows(encode_split(tok, "train", corpus), train.seq_len)
+    val = validation_windows(tok, train.val_windows, train.seq_len, corpus)
     return tok.get_vocab_size(), train_windows, val
 
 

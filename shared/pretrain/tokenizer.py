@@ -1,4 +1,5 @@
-"""Byte-level BPE for the pre-training harness, fitted with the ``tokenizers`` library on the Shakespeare train split
+"""Byte-level BPE for the pre-training harness, fitted with the ``tokenizers`` library on the train split of the
+pre-training corpus (root ``params.yaml`` ``pretrain.corpus``; default: the embedded Shakespeare corpus)
 (FRUGAL report §4: 8192 entries, so that on the tiny model the embedding + head do not hide the optimizer-state
 differences, as SmolLM2's 49152-entry vocabulary would).
 
@@ -6,8 +7,9 @@ GPT-2-style byte-level pre-tokenization (regex split, bytes mapped to 256 printa
 ``decode(encode(text)) == text`` for any text. The vocabulary has exactly ``vocab_size`` entries: the 256 byte
 symbols, one special ``<|endoftext|>`` and the merges. Fitting is deterministic (same text → same JSON).
 
-``python -m shared.pretrain.tokenizer fit`` (the root DVC stage ``fit-tokenizer``) reads ``pretrain.tokenizer`` from
-the root ``params.yaml`` and writes ``data/tokenizers/shakespeare-bpe-<vocab_size>.json`` atomically.
+``python -m shared.pretrain.tokenizer fit`` (the root DVC stage ``fit-tokenizer``) reads ``pretrain.tokenizer`` and
+``pretrain.corpus`` from the root ``params.yaml`` and writes ``data/tokenizers/<corpus>-bpe-<vocab_size>.json``
+(``shakespeare-bpe-8192.json`` by default) atomically.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from shared.corpus import Corpus, as_corpus, text as corpus_text
 from shared.io import atomic_path, read_yaml
 from shared.paths import DATA_DIR, REPO_ROOT
 
@@ -75,19 +78,29 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     return Path(path)
 
 
-def fit_corpus_tokenizer(params: dict, out: Path | None = None, progress: bool = True) -> tuple[Path, float]:
-    """Fit on ``corpus_text("train")`` with the root ``pretrain.tokenizer`` params; returns (path, fit seconds)."""
-    from shared.tasks.perplexity import corpus_text
+def pretrain_corpus(params: dict | None = None) -> Corpus:
+    """The pre-training corpus: ``pretrain.corpus`` of the root ``params.yaml`` (default: the embedded Shakespeare
+    corpus). The tokenizer is fitted on its train split; the pre-training runs train and validate on it."""
+    params = read_yaml(REPO_ROOT / "params.yaml") if params is None else params
+    return as_corpus(params.get("pretrain", {}).get("corpus") or {}, "params.yaml: pretrain.corpus")
 
+
+def fit_corpus_tokenizer(params: dict, out: Path | None = None, progress: bool = True) -> tuple[Path, float]:
+    """Fit on the train split of :func:`pretrain_corpus` with the root ``pretrain.tokenizer`` params; returns
+    (path, fit seconds)."""
     cfg = params.get("pretrain", {}).get("tokenizer", {})
+    unknown = sorted(set(cfg) - {"vocab_size", "min_frequency"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in params.yaml: pretrain.tokenizer (allowed: vocab_size, "
+                         f"min_frequency; the corpus is pretrain.corpus)")
     vocab_size = int(cfg.get("vocab_size", DEFAULT_VOCAB_SIZE))
     min_frequency = int(cfg.get("min_frequency", 2))
-    corpus = cfg.get("corpus", "shakespeare")
-    text = corpus_text("train", corpus=corpus)
+    corpus = pretrain_corpus(params)
+    text = corpus_text("train", corpus)
     t0 = time.perf_counter()
     tok = fit_tokenizer([text], vocab_size, min_frequency=min_frequency, progress=progress)
     seconds = time.perf_counter() - t0
-    path = save_tokenizer(tok, out or tokenizer_path(vocab_size, corpus))
+    path = save_tokenizer(tok, out or tokenizer_path(vocab_size, corpus.name))
     return path, seconds
 
 

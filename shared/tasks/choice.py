@@ -2,8 +2,8 @@
 tasks (HellaSwag, PIQA, ARC, ... evaluated as in OpenCompass ``*_ppl`` / lm-eval-harness configs) that
 MatryoshkaKV reports in its Table 1.
 
-Task. Lines come from one Shakespeare corpus split (:func:`shared.tasks.perplexity.corpus_text`, one work per
-file) or from a given ``text``. Only non-empty, stripped lines are used. An item takes ``n_context_lines``
+Task. Lines come from one corpus split (:func:`shared.corpus.documents`; the embedded Shakespeare corpus: one
+work per file) or from a given ``text``. Only non-empty, stripped lines are used. An item takes ``n_context_lines``
 consecutive non-empty lines of one work as the context (blank lines are skipped, works are never crossed) and asks
 which of ``n_options`` candidate lines comes next. The true option is the next non-empty line; the distractors are
 other lines of the same split with a similar character length (within ±30% when enough exist, else the closest
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from shared.corpus import Corpus, documents
 from shared.paths import CORPORA_DIR
-from shared.tasks.perplexity import corpus_text
 
 MIN_WORDS = 4
 LENGTH_TOLERANCE = 0.3
@@ -54,16 +54,11 @@ def _is_candidate(line: str) -> bool:
             and not line.startswith("[") and not line.endswith("]"))
 
 
-def _split_works(split: str, corpus: str = "shakespeare", root: Path = CORPORA_DIR) -> list[tuple[str, str]]:
-    """``(file stem, text)`` per work of a split — the same files, in the same order, as :func:`corpus_text`."""
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be train/validation/test, got {split!r}")
-    joined = corpus_text(split, corpus, root)  # raises FileNotFoundError with the `make data` hint
-    files = sorted((Path(root) / corpus / split).glob("*.txt"))
-    works = [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files]
-    if "\n\n".join(t for _, t in works) != joined:
-        raise RuntimeError(f"corpus split {split!r} changed while reading it")
-    return works
+def _split_works(split: str, corpus: Corpus | dict | str | None = None, root: Path = CORPORA_DIR
+                 ) -> list[tuple[str, str]]:
+    """``(work, text)`` per document of a split — the documents :func:`corpus_text` joins, in the same order (for
+    the embedded corpus: one work per file, named by its file stem)."""
+    return documents(split, corpus, root)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -71,17 +66,19 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def next_line_choice(tokenizer, n_items: int, seed: int, split: str = "test", n_context_lines: int = 3,
-                     n_options: int = 4, text: str | None = None) -> list[ChoiceItem]:
-    """``n_items`` seeded next-line multiple-choice items (see the module docstring). ``text`` replaces the corpus
-    split (one work named ``"text"``). ``meta``: seed, index, work, line (0-based index of the true line in the
-    work's ``splitlines()``), context (text), options (texts, in option order), separately_tokenized."""
+                     n_options: int = 4, text: str | None = None,
+                     corpus: Corpus | dict | str | None = None) -> list[ChoiceItem]:
+    """``n_items`` seeded next-line multiple-choice items (see the module docstring) from ``split`` of ``corpus``
+    (default: the embedded Shakespeare corpus). ``text`` replaces the corpus split (one work named ``"text"``).
+    ``meta``: seed, index, work, line (0-based index of the true line in the work's ``splitlines()``), context
+    (text), options (texts, in option order), separately_tokenized."""
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
         raise ValueError(f"n_items must be an int >= 1, got {n_items!r}")
     if isinstance(n_options, bool) or not isinstance(n_options, int) or n_options < 2:
         raise ValueError(f"n_options must be an int >= 2, got {n_options!r}")
     if isinstance(n_context_lines, bool) or not isinstance(n_context_lines, int) or n_context_lines < 1:
         raise ValueError(f"n_context_lines must be an int >= 1, got {n_context_lines!r}")
-    works = [("text", text)] if text is not None else _split_works(split)
+    works = [("text", text)] if text is not None else _split_works(split, corpus)
 
     # (work, raw line index) of each non-empty line; positions = true-line candidates with enough context.
     lines: list[tuple[str, int, str]] = []  # (work, raw index, stripped text)

@@ -9,18 +9,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from shared.corpus import Corpus, text as _text, token_ids as _token_ids
 from shared.paths import CORPORA_DIR
 
 
-def corpus_text(split: str, corpus: str = "shakespeare", root: Path = CORPORA_DIR) -> str:
-    """Concatenated text of one split (works in sorted order, separated by blank lines)."""
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be train/validation/test, got {split!r}")
-    folder = Path(root) / corpus / split
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no corpus files in {folder}; run `make data` (dvc repro fetch-corpus)")
-    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+def corpus_text(split: str, corpus: Corpus | dict | str | None = None, root: Path = CORPORA_DIR) -> str:
+    """Concatenated text of one split (:func:`shared.corpus.text`; default: the embedded Shakespeare corpus, works
+    in sorted order, separated by blank lines)."""
+    return _text(split, corpus, root)
 
 
 @torch.no_grad()
@@ -52,10 +48,10 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 1024, stride: int =
     return {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count}
 
 
-def corpus_ids(tokenizer, split: str, max_chars: int | None = 2_000_000) -> torch.Tensor:
-    """Token ids (1-D) of the first ``max_chars`` characters of a corpus split."""
-    text = corpus_text(split)
-    return torch.tensor(tokenizer(text[:max_chars] if max_chars else text, add_special_tokens=False)["input_ids"])
+def corpus_ids(tokenizer, split: str, max_chars: int | None = 2_000_000,
+               corpus: Corpus | dict | str | None = None) -> torch.Tensor:
+    """Token ids (1-D) of the first ``max_chars`` characters of a corpus split (:func:`shared.corpus.token_ids`)."""
+    return _token_ids(tokenizer, split, corpus, max_chars)
 
 
 def token_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -220,7 +220,7 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(monkeypatch):
         def __call__(self, text):
             return {"input_ids": [2, 7]}
 
-    monkeypatch.setattr(ppl, "corpus_ids", lambda tok, split, max_chars: torch.arange(10, 40))
+    monkeypatch.setattr(ppl, "corpus_ids", lambda tok, split, max_chars, corpus=None: torch.arange(10, 40))
     w = st._windows(Tok(), "train", 8, 3, None)
     assert w.shape == (3, 8) and (w[:, 0] == 2).all() and w[0, 1:].tolist() == list(range(10, 17))
     Tok.bos_token_id = None                             # no BOS: plain consecutive windows
