@@ -84,9 +84,8 @@ class SlidingWindowLayer(CompressedLayer):
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
         qp, kp = self._q_pos[:, :, None], self.positions[:, None, :]                # [B, n, 1], [B, 1, S]
         mask = self.valid[:, None, :] & (kp <= qp) & (kp > qp - self.window)         # [B, n, S]
-        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)   # eager adds it, sdpa too
-        additive.masked_fill_(~mask, torch.finfo(query.dtype).min)
-        out = model_attention(module, query, self.keys, self.values, additive[:, None], scaling, **kwargs)
+        # a boolean mask, as the router's own; model_attention gives an eager model its additive form
+        out = model_attention(module, query, self.keys, self.values, mask[:, None], scaling, **kwargs)
         self.reads += [int(c) * self.keys.shape[1] for c in mask[0].sum(-1)]
         self._trim()
         return out
